@@ -1,0 +1,412 @@
+"""The SOAR inner loop: train a copy of the baseline student on a problem set, then evaluate it.
+
+    student = Student(LMPolicy.from_name("tiny"), StudentConfig(steps=2, batch_size=2, group_size=4))
+    result = student.train(problems)                  # RLOO from the baseline; baseline untouched
+    gain = student.evaluate(hard, state=result.state).accuracy - student.evaluate(hard).accuracy
+    if promote_it: student.promote(result.state)      # the trained copy becomes the new baseline
+
+Between calls the policy always holds the *baseline* weights; a trained copy lives only in a
+`TrainResult.state` (the trainable tensors: LoRA adapters, or all weights without LoRA), so
+the g x r student runs of one teacher step never see each other and reset is a cheap copy.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
+
+import torch
+
+from soar_env import problems as problems_module
+from soar_env.problems import Problem, Rejection
+from soar_env.prompts import student_prompt
+from soar_env.rl.rloo import NonFiniteLossError, RLOOConfig, RLOOUpdater
+from soar_env.verify import grade_many
+
+if TYPE_CHECKING:
+    from soar_env.models.policy import LMPolicy, Rollout
+
+State = dict[str, torch.Tensor]
+"""Trainable tensors of a policy, as returned by ``LMPolicy.state_dict_trainable``."""
+
+
+@dataclass
+class StudentConfig:
+    """Inner-loop settings (paper values as defaults; presets shrink them for CPU)."""
+
+    steps: int = 10
+    """RLOO steps of one inner run before any promotion."""
+    steps_after_promotion: int = 15
+    """RLOO steps of one inner run once the baseline has been promoted at least once."""
+    batch_size: int = 8
+    """Problems per RLOO step."""
+    group_size: int = 32
+    """Sampled solutions per problem (the RLOO group)."""
+    max_new_tokens: int = 1024
+    """Generation limit for training samples."""
+    temperature: float = 1.0
+    """Sampling temperature for training samples (and for non-greedy evaluation)."""
+    eval_max_new_tokens: int = 1024
+    """Generation limit for evaluation."""
+    require_box: bool = True
+    """Grade only an answer inside ``\\boxed{}``; False also accepts the last number of the reply."""
+    grade_timeout: float = 5.0
+    """Seconds allowed to grade one response before it counts as wrong."""
+    grade_processes: int | None = None
+    """Worker processes for grading; None lets the grader choose."""
+    lr: float = 1e-5
+    """Peak AdamW learning rate of the inner run."""
+    kl_coef: float = 0.001
+    """KL penalty towards the reference (base) model; 0 skips the reference pass."""
+    warmup_steps: int = 0
+    """Linear warm-up updates of each inner run (paper: 0)."""
+    weight_decay: float = 0.0
+    """AdamW decoupled weight decay."""
+    max_grad_norm: float | None = 1.0
+    """Gradient-norm clip; None disables it."""
+    min_lr_ratio: float = 0.0
+    """Fraction of the peak lr the cosine reaches at the end of an inner run."""
+    skip_zero_advantage: bool = True
+    """Skip updates whose advantages are all zero, so unsolvable batches leave weights exactly unchanged."""
+    micro_batch_size: int | None = None
+    """Completions per forward/backward pass; None: the whole batch (batch_size x group_size) at once."""
+    sample_batch_size: int = 64
+    """Sequences generated together; lower it to bound memory."""
+    seed: int = 0
+    """Default seed of problem order, sampling and dropout in ``train`` and sampled ``evaluate``."""
+
+    def rloo_config(self) -> RLOOConfig:
+        """The optimiser/loss part of these settings."""
+        return RLOOConfig(
+            lr=self.lr,
+            kl_coef=self.kl_coef,
+            warmup_steps=self.warmup_steps,
+            weight_decay=self.weight_decay,
+            max_grad_norm=self.max_grad_norm,
+            min_lr_ratio=self.min_lr_ratio,
+            skip_zero_advantage=self.skip_zero_advantage,
+            micro_batch_size=self.micro_batch_size,
+        )
+
+
+@dataclass
+class TrainResult:
+    """What one inner run did. ``state`` is the trained copy; the baseline is never changed."""
+
+    steps_done: int
+    """RLOO steps completed (skipped zero-advantage updates included)."""
+    rewards: list[float] = field(default_factory=list)
+    """Mean training reward (fraction of correct samples) at each step."""
+    tokens: int = 0
+    """Completion tokens sampled over the run."""
+    seconds: float = 0.0
+    """Wall-clock time of the run."""
+    num_problems: int = 0
+    """Problems that passed validation and were trained on."""
+    skipped: list[tuple[int, Rejection]] = field(default_factory=list)
+    """(index in the input, reason) for every input entry that was not a usable problem."""
+    error: str | None = None
+    """None on success; otherwise why the run stopped (non-finite loss, no valid problems)."""
+    state: State | None = None
+    """Trainable state after training; None when the run failed (evaluate it as the baseline)."""
+    stats: list[dict[str, float]] = field(default_factory=list)
+    """Per-step updater statistics plus sampling/grading timings."""
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+@dataclass
+class EvalResult:
+    """Per-problem correctness of one evaluation."""
+
+    correct: list[int]
+    """Correct samples per problem, in input order."""
+    samples: int
+    """Samples per problem."""
+    statuses: dict[str, int] = field(default_factory=dict)
+    """How many responses got each grade status (see ``verify.GRADE_STATUSES``)."""
+    tokens: int = 0
+    """Completion tokens generated."""
+    seconds: float = 0.0
+    """Wall-clock time of the evaluation."""
+
+    @property
+    def accuracy(self) -> float:
+        """Fraction of correct samples over all problems (0.0 for no problems)."""
+        total = len(self.correct) * self.samples
+        return sum(self.correct) / total if total else 0.0
+
+    def pass_at_k(self, ks: Sequence[int] = (1, 4, 8, 16, 32)) -> dict[int, float]:
+        """Mean unbiased pass@k over the problems, for each k <= samples."""
+        return mean_pass_at_k(self.correct, self.samples, ks)
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples with c correct: ``1 - C(n-c, k) / C(n, k)``.
+
+    Computed as ``1 - prod_{i=n-c+1}^{n} (1 - k/i)`` (Chen et al., 2021, arXiv 2107.03374), which
+    never forms the huge binomials.
+    """
+    if not 0 <= c <= n:
+        raise ValueError(f"need 0 <= c <= n, got n={n}, c={c}")
+    if not 1 <= k <= n:
+        raise ValueError(f"need 1 <= k <= n, got n={n}, k={k}")
+    if n - c < k:  # every k-subset contains a correct sample
+        return 1.0
+    prob_all_wrong = 1.0
+    for i in range(n - c + 1, n + 1):
+        prob_all_wrong *= 1.0 - k / i
+    return 1.0 - prob_all_wrong
+
+
+def mean_pass_at_k(
+    correct_counts: Sequence[int], n: int, ks: Sequence[int] = (1, 4, 8, 16, 32)
+) -> dict[int, float]:
+    """Mean of ``pass_at_k(n, c, k)`` over problems, for each k (k > n raises ValueError)."""
+    if not correct_counts:
+        raise ValueError("mean_pass_at_k needs at least one problem")
+    for k in ks:
+        if k > n:
+            raise ValueError(f"pass@{k} needs at least {k} samples per problem, got {n}")
+    return {k: sum(pass_at_k(n, c, k) for c in correct_counts) / len(correct_counts) for k in ks}
+
+
+def validate_problem(entry: Any) -> Problem | Rejection:
+    """``entry`` as a trainable ``Problem``, or the reason it is not one. Never raises."""
+    to_problem = getattr(problems_module, "to_problem", None)
+    try:
+        if to_problem is not None:
+            result = to_problem(entry)
+        elif isinstance(entry, Problem):
+            result = entry
+        else:
+            return Rejection("not_a_problem", f"expected a Problem, got {type(entry).__name__}", repr(entry)[:300])
+    except Exception as exc:  # a broken entry must be reported, never crash the run
+        return Rejection("invalid_entry", f"{type(exc).__name__}: {exc}", repr(entry)[:300])
+    if isinstance(result, Rejection):
+        return result
+    if not isinstance(result.question, str) or not result.question.strip():
+        return Rejection("empty_question", "the question is empty", repr(entry)[:300])
+    if not isinstance(result.answer, str) or not result.answer.strip():
+        return Rejection("empty_answer", "the answer is empty", repr(entry)[:300])
+    return result
+
+
+def _clone_state(state: State) -> State:
+    return {name: tensor.detach().clone() for name, tensor in state.items()}
+
+
+def _cycle(n: int, rng: random.Random) -> Iterator[int]:
+    """Indices 0..n-1 in a fresh shuffled order on every pass."""
+    while True:
+        order = list(range(n))
+        rng.shuffle(order)
+        yield from order
+
+
+class Student:
+    """A baseline student plus the inner loop that trains and evaluates copies of it."""
+
+    def __init__(self, policy: "LMPolicy", config: StudentConfig | None = None) -> None:
+        self.policy = policy
+        self.config = config if config is not None else StudentConfig()
+        self._baseline: State = _clone_state(policy.state_dict_trainable())
+        self.promotions = 0
+        """How many trained states have become the baseline."""
+
+    # -- baseline ------------------------------------------------------------------------------
+
+    @property
+    def default_steps(self) -> int:
+        """Steps of an inner run: ``steps``, or ``steps_after_promotion`` once promoted."""
+        return self.config.steps_after_promotion if self.promotions > 0 else self.config.steps
+
+    def baseline_state(self) -> State:
+        """A copy of the baseline's trainable tensors."""
+        return _clone_state(self._baseline)
+
+    def reset(self) -> None:
+        """Put the baseline weights back into the policy (a copy of the trainable tensors)."""
+        self.policy.load_state_dict_trainable(self._baseline)
+
+    def promote(self, state: State) -> None:
+        """Make a trained state the new baseline; later inner runs use ``steps_after_promotion``."""
+        self._baseline = _clone_state(state)
+        self.reset()
+        self.promotions += 1
+
+    # -- inner loop ----------------------------------------------------------------------------
+
+    def _prompts(self, problems: Sequence[Problem]) -> list[str]:
+        return [self.policy.chat_prompt(student_prompt(p.question)) for p in problems]
+
+    def _grade(self, rollout: "Rollout", problems: Sequence[Problem]) -> list[Any]:
+        golds = [problems[i].answer for i in rollout.prompt_index]
+        return grade_many(
+            rollout.texts,
+            golds,
+            require_box=self.config.require_box,
+            timeout=self.config.grade_timeout,
+            processes=self.config.grade_processes,
+        )
+
+    def train(
+        self,
+        problems: Sequence[Any],
+        steps: int | None = None,
+        batch_size: int | None = None,
+        group_size: int | None = None,
+        *,
+        seed: int | None = None,
+    ) -> TrainResult:
+        """RLOO on ``problems`` starting from the baseline; returns the trained state.
+
+        Each step takes the next ``batch_size`` problems of a seeded shuffle (reshuffled on
+        every pass), samples ``group_size`` solutions per problem, grades them (reward 1 if
+        correct, else 0) and makes one RLOO update with a fresh optimizer whose cosine spans
+        this run. The policy holds the baseline again when this returns, whatever happens.
+        """
+        config = self.config
+        steps = self.default_steps if steps is None else steps
+        batch_size = config.batch_size if batch_size is None else batch_size
+        group_size = config.group_size if group_size is None else group_size
+        seed = config.seed if seed is None else seed
+        start = time.perf_counter()
+
+        valid: list[Problem] = []
+        skipped: list[tuple[int, Rejection]] = []
+        for index, entry in enumerate(problems):
+            checked = validate_problem(entry)
+            if isinstance(checked, Rejection):
+                skipped.append((index, checked))
+            else:
+                valid.append(checked)
+        result = TrainResult(steps_done=0, num_problems=len(valid), skipped=skipped)
+        if not valid:
+            result.error = f"no_valid_problems: all {len(skipped)} entries were skipped"
+            result.seconds = time.perf_counter() - start
+            return result
+
+        # Seeding: problem order and per-step sampling seeds come from one stream; the torch RNG
+        # (adapter dropout, if any) is seeded inside a fork so the caller's RNG is left alone.
+        rng = random.Random(seed)
+        device = getattr(self.policy, "device", torch.device("cpu"))
+        self.reset()
+        try:
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                torch.manual_seed(seed)
+                self._run(valid, steps, batch_size, group_size, rng, result)
+            if result.error is None:
+                result.state = _clone_state(self.policy.state_dict_trainable())
+        finally:
+            self.reset()  # the trained copy lives on only in result.state
+        result.seconds = time.perf_counter() - start
+        return result
+
+    def _run(
+        self,
+        problems: list[Problem],
+        steps: int,
+        batch_size: int,
+        group_size: int,
+        rng: random.Random,
+        result: TrainResult,
+    ) -> None:
+        """The RLOO steps of one inner run, recorded into ``result``; stops at a non-finite loss."""
+        config = self.config
+        order = _cycle(len(problems), rng)
+        # A fresh optimizer per run: the paper restarts AdamW and the cosine for every inner run.
+        updater = RLOOUpdater(self.policy.trainable_parameters(), config.rloo_config(), total_steps=max(steps, 1))
+        for step in range(steps):
+            batch = [problems[next(order)] for _ in range(batch_size)]
+            t0 = time.perf_counter()
+            rollout = self.policy.sample(
+                self._prompts(batch),
+                num_samples=group_size,
+                temperature=config.temperature,
+                max_new_tokens=config.max_new_tokens,
+                seed=rng.randrange(2**31),
+                batch_size=config.sample_batch_size,
+            )  # prompt-major: batch_size x group_size rows
+            t1 = time.perf_counter()
+            rewards = [1.0 if g.correct else 0.0 for g in self._grade(rollout, batch)]
+            t2 = time.perf_counter()
+            tokens = sum(len(c) for c in rollout.completion_ids)
+            result.tokens += tokens
+            try:
+                stats = updater.update(self.policy, rollout, rewards, group_size)
+            except NonFiniteLossError as exc:
+                result.error = f"non_finite_loss at step {step}: {exc}"
+                result.stats.append({"step": float(step), **exc.stats})
+                return
+            stats.update(
+                step=float(step),
+                sampled_tokens=float(tokens),
+                sample_seconds=t1 - t0,
+                grade_seconds=t2 - t1,
+                update_seconds=time.perf_counter() - t2,
+            )
+            result.stats.append(stats)
+            result.rewards.append(sum(rewards) / len(rewards))
+            result.steps_done += 1
+
+    def evaluate(
+        self,
+        problems: Sequence[Problem],
+        *,
+        samples: int = 1,
+        greedy: bool = True,
+        state: State | None = None,
+        max_new_tokens: int | None = None,
+        seed: int | None = None,
+    ) -> EvalResult:
+        """Correct samples per problem for the baseline, or for ``state`` (loaded, then undone)."""
+        config = self.config
+        start = time.perf_counter()
+        if not problems:
+            return EvalResult(correct=[], samples=samples)
+        if state is not None:
+            self.policy.load_state_dict_trainable(state)
+        try:
+            rollout = self.policy.sample(
+                self._prompts(problems),
+                num_samples=samples,
+                temperature=config.temperature,
+                max_new_tokens=config.eval_max_new_tokens if max_new_tokens is None else max_new_tokens,
+                greedy=greedy,
+                seed=config.seed if seed is None else seed,
+                batch_size=config.sample_batch_size,
+            )
+        finally:
+            if state is not None:
+                self.reset()
+        grades = self._grade(rollout, problems)
+        correct = [0] * len(problems)
+        statuses: Counter[str] = Counter()
+        for i, g in zip(rollout.prompt_index, grades):
+            correct[i] += int(bool(g.correct))
+            statuses[str(getattr(g.status, "value", g.status))] += 1
+        return EvalResult(
+            correct=correct,
+            samples=samples,
+            statuses=dict(statuses),
+            tokens=sum(len(c) for c in rollout.completion_ids),
+            seconds=time.perf_counter() - start,
+        )
+
+
+__all__ = [
+    "EvalResult",
+    "State",
+    "Student",
+    "StudentConfig",
+    "TrainResult",
+    "mean_pass_at_k",
+    "pass_at_k",
+    "validate_problem",
+]

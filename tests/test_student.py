@@ -1,0 +1,255 @@
+"""Student inner loop on the tiny random LM: train/evaluate/reset/promote, failures, pass@k."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+import soar_env.rl.rloo as rloo_module
+import soar_env.student as student_module
+from soar_env.problems import Problem
+from soar_env.verify import GRADE_STATUSES
+from soar_env.student import (
+    EvalResult,
+    Student,
+    StudentConfig,
+    TrainResult,
+    mean_pass_at_k,
+    pass_at_k,
+)
+
+PROBLEMS = [
+    Problem("What is 2 + 3?", "5", source="test"),
+    Problem("What is 4 + 4?", "8", source="test"),
+    Problem("What is 7 - 2?", "5", source="test"),
+    Problem("What is 3 * 3?", "9", source="test"),
+]
+
+
+def tiny_config(**overrides) -> StudentConfig:
+    """A few short samples and a large lr, so a step is fast and visibly moves the weights."""
+    settings = dict(steps=2, batch_size=2, group_size=4, max_new_tokens=4, eval_max_new_tokens=4,
+                    lr=1e-2, grade_processes=1, seed=0)
+    settings.update(overrides)
+    return StudentConfig(**settings)
+
+
+@pytest.fixture
+def policy():
+    policy_module = pytest.importorskip("soar_env.models.policy")
+    torch.manual_seed(0)
+    return policy_module.LMPolicy.from_name("tiny")
+
+
+@dataclass
+class FakeGrade:
+    correct: bool
+    status: str
+
+
+class ParityGrader:
+    """Stand-in for grade_many: a random LM never solves arithmetic, so 'correct' here means
+    'the reply has an even number of characters', which gives mixed rewards and real updates."""
+
+    def __init__(self) -> None:
+        self.responses: list[list[str]] = []
+
+    def __call__(self, responses, golds, *, require_box=True, timeout=5.0, processes=None):
+        assert len(responses) == len(golds)
+        self.responses.append(list(responses))
+        return [FakeGrade(len(r) % 2 == 0, "correct" if len(r) % 2 == 0 else "wrong") for r in responses]
+
+
+@pytest.fixture
+def parity_grader(monkeypatch) -> ParityGrader:
+    grader = ParityGrader()
+    monkeypatch.setattr(student_module, "grade_many", grader)
+    return grader
+
+
+def states_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ----------------------------------------------------------------------------------------------
+# train
+
+
+def test_train_runs_steps_and_reports(policy, parity_grader) -> None:
+    student = Student(policy, tiny_config())
+    result = student.train(PROBLEMS)
+    assert isinstance(result, TrainResult) and result.ok
+    assert result.steps_done == 2 and len(result.rewards) == 2 and len(result.stats) == 2
+    assert all(0.0 <= r <= 1.0 for r in result.rewards)
+    assert result.tokens > 0 and result.seconds > 0 and result.num_problems == 4 and not result.skipped
+    for stats in result.stats:
+        keys = ("loss", "pg_loss", "kl", "reward_mean", "tokens", "grad_norm", "lr", "skipped", "sample_seconds")
+        for key in keys:
+            assert key in stats
+    # 2 steps x 2 problems x 4 samples graded.
+    assert [len(r) for r in parity_grader.responses] == [8, 8]
+    assert result.state is not None and result.state.keys() == student.baseline_state().keys()
+    assert not states_equal(result.state, student.baseline_state())
+
+
+def test_train_leaves_baseline_and_policy_unchanged(policy, parity_grader) -> None:
+    student = Student(policy, tiny_config())
+    before = student.baseline_state()
+    result = student.train(PROBLEMS)
+    assert result.ok
+    assert states_equal(student.baseline_state(), before)
+    assert states_equal(policy.state_dict_trainable(), before)
+
+
+def test_train_overrides_and_cycling(policy, parity_grader) -> None:
+    student = Student(policy, tiny_config())
+    result = student.train(PROBLEMS[:3], steps=3, batch_size=2, group_size=2)
+    assert result.steps_done == 3
+    assert [len(r) for r in parity_grader.responses] == [4, 4, 4]
+
+
+def test_reset_restores_baseline(policy) -> None:
+    student = Student(policy, tiny_config())
+    baseline = student.baseline_state()
+    with torch.no_grad():
+        for p in policy.trainable_parameters():
+            p.add_(1.0)
+    assert not states_equal(policy.state_dict_trainable(), baseline)
+    student.reset()
+    assert states_equal(policy.state_dict_trainable(), baseline)
+
+
+def test_promote_changes_baseline_and_step_count(policy, parity_grader) -> None:
+    student = Student(policy, tiny_config(steps=1, steps_after_promotion=2))
+    assert student.default_steps == 1 and student.promotions == 0
+    result = student.train(PROBLEMS)
+    assert result.steps_done == 1
+    student.promote(result.state)
+    assert student.promotions == 1 and student.default_steps == 2
+    assert states_equal(student.baseline_state(), result.state)
+    assert states_equal(policy.state_dict_trainable(), result.state)
+    # The next run starts from the promoted baseline and runs steps_after_promotion steps.
+    assert student.train(PROBLEMS).steps_done == 2
+    assert states_equal(student.baseline_state(), result.state)
+
+
+def test_zero_reward_run_leaves_state_exactly_at_baseline(policy) -> None:
+    """The Hard-Only plateau, with the real grader: a random LM never boxes a correct answer, so
+    every reward is 0 and RLOO must not move the weights (not even by weight decay)."""
+    student = Student(policy, tiny_config(weight_decay=0.1, require_box=True))
+    result = student.train(PROBLEMS)
+    assert result.ok and result.steps_done == 2 and result.rewards == [0.0, 0.0]
+    assert all(s["skipped"] == 1.0 for s in result.stats)
+    assert states_equal(result.state, student.baseline_state())
+
+    evaluation = student.evaluate(PROBLEMS, samples=2, greedy=False)
+    assert evaluation.correct == [0, 0, 0, 0]
+    assert sum(evaluation.statuses.values()) == 8 and set(evaluation.statuses) <= set(GRADE_STATUSES)
+
+
+def test_malformed_problems_are_skipped_with_reasons(policy, parity_grader) -> None:
+    student = Student(policy, tiny_config(steps=1))
+    entries = [Problem("   ", "5"), PROBLEMS[0], Problem("What is 1 + 1?", ""), 42]
+    result = student.train(entries)
+    assert result.ok and result.steps_done == 1 and result.num_problems == 1
+    assert [index for index, _ in result.skipped] == [0, 2, 3]
+    assert all(rejection.reason for _, rejection in result.skipped)
+
+    nothing = student.train([Problem("", ""), None])
+    assert nothing.steps_done == 0 and nothing.state is None and len(nothing.skipped) == 2
+    assert nothing.error is not None and "no_valid_problems" in nothing.error
+    assert len(parity_grader.responses) == 1  # the empty run sampled nothing
+
+
+def test_nan_loss_stops_run_and_keeps_baseline(policy, parity_grader, monkeypatch) -> None:
+    real_loss = rloo_module.rloo_loss
+
+    def nan_loss(*args, **kwargs):
+        loss, stats = real_loss(*args, **kwargs)
+        return loss * float("nan"), {**stats, "loss": float("nan")}
+
+    monkeypatch.setattr(rloo_module, "rloo_loss", nan_loss)
+    student = Student(policy, tiny_config(skip_zero_advantage=False))
+    before = student.baseline_state()
+    result = student.train(PROBLEMS)
+    assert not result.ok and "non_finite" in result.error
+    assert result.state is None and result.steps_done == 0
+    assert math.isnan(result.stats[-1]["loss"])
+    assert states_equal(student.baseline_state(), before)
+    assert states_equal(policy.state_dict_trainable(), before)
+
+
+def test_same_seed_same_samples_and_rewards(policy, parity_grader) -> None:
+    student = Student(policy, tiny_config())
+    first = student.train(PROBLEMS, seed=7)
+    samples_first = list(parity_grader.responses)
+    second = student.train(PROBLEMS, seed=7)
+    assert parity_grader.responses[2:] == samples_first
+    assert first.rewards == second.rewards
+    assert states_equal(first.state, second.state)
+    student.train(PROBLEMS, steps=1, seed=8)
+    assert parity_grader.responses[4] != samples_first[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# evaluate
+
+
+def test_evaluate_shapes_and_state_restored(policy, parity_grader) -> None:
+    student = Student(policy, tiny_config())
+    result = student.evaluate(PROBLEMS[:3], samples=3, greedy=False)
+    assert isinstance(result, EvalResult)
+    assert len(result.correct) == 3 and result.samples == 3
+    assert all(0 <= c <= 3 for c in result.correct)
+    assert sum(result.statuses.values()) == 9
+    assert result.accuracy == pytest.approx(sum(result.correct) / 9)
+    assert set(result.pass_at_k(ks=(1, 3))) == {1, 3}
+
+    trained = student.train(PROBLEMS)
+    baseline = student.baseline_state()
+    greedy = student.evaluate(PROBLEMS, state=trained.state, max_new_tokens=3)
+    assert len(greedy.correct) == 4 and greedy.samples == 1
+    assert states_equal(policy.state_dict_trainable(), baseline)
+    assert student.evaluate([]).accuracy == 0.0
+
+
+def test_evaluate_with_state_uses_that_state(policy, parity_grader) -> None:
+    student = Student(policy, tiny_config())
+    noisy = {k: v + torch.randn_like(v) * 5 for k, v in student.baseline_state().items()}
+    student.evaluate(PROBLEMS, max_new_tokens=6)
+    student.evaluate(PROBLEMS, max_new_tokens=6, state=noisy)
+    student.evaluate(PROBLEMS, max_new_tokens=6)
+    base, other, base_again = parity_grader.responses
+    assert base == base_again and other != base
+
+
+# ----------------------------------------------------------------------------------------------
+# pass@k
+
+
+def test_pass_at_k_hand_computed() -> None:
+    assert pass_at_k(4, 1, 2) == pytest.approx(0.5)  # 1 - C(3,2)/C(4,2) = 1 - 3/6
+    assert pass_at_k(4, 0, 2) == 0.0
+    assert pass_at_k(4, 4, 2) == 1.0
+    assert pass_at_k(5, 3, 3) == 1.0  # fewer than k wrong samples
+    for c in range(9):
+        assert pass_at_k(8, c, 1) == pytest.approx(c / 8)
+    assert pass_at_k(32, 2, 16) == pytest.approx(1 - math.comb(30, 16) / math.comb(32, 16))
+    assert pass_at_k(1000, 1, 500) == pytest.approx(0.5)  # no overflow for large n
+    with pytest.raises(ValueError):
+        pass_at_k(4, 1, 5)
+    with pytest.raises(ValueError):
+        pass_at_k(4, 5, 1)
+
+
+def test_mean_pass_at_k() -> None:
+    result = mean_pass_at_k([0, 1, 4], 4, ks=(1, 2, 4))
+    assert result[1] == pytest.approx((0 + 0.25 + 1) / 3)
+    assert result[2] == pytest.approx((0 + 0.5 + 1) / 3)
+    assert result[4] == pytest.approx((0 + 1 + 1) / 3)
+    assert set(mean_pass_at_k([3] * 5, 32)) == {1, 4, 8, 16, 32}
+    with pytest.raises(ValueError):
+        mean_pass_at_k([1, 2], 4, ks=(8,))
