@@ -76,7 +76,9 @@ class HardSetConfig:
 
     def identity(self) -> dict:
         """Settings that must match for a partial build to be resumed."""
-        keys = ("source", "model", "k", "max_new_tokens", "temperature", "require_box", "chunk", "limit", "seed")
+        # Not `limit`: a problem's result does not depend on how many others are built with it,
+        # so a build can be cut short and resumed with a smaller limit.
+        keys = ("source", "model", "k", "max_new_tokens", "temperature", "require_box", "chunk", "seed")
         return {key: getattr(self, key) for key in keys}
 
 
@@ -101,10 +103,10 @@ def _read_partial(path: Path, identity: dict) -> dict[str, dict]:
         lines = handle.read().splitlines()
     if not lines:
         return {}
-    header = json.loads(lines[0])
-    if header.get("settings") != identity:
+    stored = json.loads(lines[0]).get("settings", {})
+    if any(stored.get(key) != value for key, value in identity.items()):
         raise ValueError(
-            f"{path} was written with other settings ({header.get('settings')}); "
+            f"{path} was written with other settings ({stored}); "
             "delete it or rerun with the same settings to resume"
         )
     for line in lines[1:]:
