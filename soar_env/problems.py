@@ -9,8 +9,13 @@ dropped instead of crashing on it.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+import re
+import reprlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from typing import Any
+
+from soar_env.verify import answer_parses, extract_boxed
 
 
 @dataclass(frozen=True)
@@ -54,3 +59,204 @@ class Rejection:
 
     def to_dict(self) -> dict[str, str]:
         return {"reason": self.reason, "detail": self.detail, "text": self.text}
+
+
+# --------------------------------------------------------------------------------------------
+# Validation: teacher text and environment actions -> Problem | Rejection
+# --------------------------------------------------------------------------------------------
+
+REJECTION_REASONS: dict[str, str] = {
+    "empty": "the teacher output is empty or only whitespace",
+    "missing_question_tag": "no complete <question>...</question> pair",
+    "multiple_questions": "more than one <question> block; one output must be one problem",
+    "missing_answer_tag": "no complete <answer>...</answer> pair after the question",
+    "multiple_answers": "more than one <answer> block after the question",
+    "empty_question": "the question is empty",
+    "too_long": "the question is longer than max_question_chars",
+    "missing_box": "the answer block has no \\boxed{...}",
+    "empty_answer": "the answer is empty",
+    "nested_box": "the answer still contains \\boxed after the one box around it was removed",
+    "answer_too_long": "the answer is longer than max_answer_chars",
+    "unparsable_answer": "Math-Verify cannot read the answer, so no student could be graded on it",
+    "control_characters": "a field contains control characters other than newline and tab",
+    "invalid_unicode": "a field contains lone surrogates (undecodable bytes)",
+    "wrong_type": "the input's type is not accepted (teacher output must be str; an entry must be"
+                  " a Problem, a mapping or a (question, answer) pair)",
+    "wrong_length": "a sequence entry does not have exactly two items",
+    "missing_field": "a mapping entry lacks 'question' or 'answer'",
+    "not_string": "question or answer is not a string",
+    "internal_error": "validation itself failed; a bug, reported instead of raised",
+}
+"""Every :attr:`Rejection.reason` that :func:`parse_teacher_output` and :func:`to_problem` use."""
+
+MAX_QUESTION_CHARS = 4000
+"""Default question limit: the teacher writes at most 512 tokens (paper), about 2000 characters."""
+MAX_ANSWER_CHARS = 500
+"""Answers are final values: MATH's longest is ~50 characters, OlympiadBench lists stay well
+under this."""
+
+_QUESTION_OPEN = re.compile(r"<question>", re.IGNORECASE)
+_QUESTION_CLOSE = re.compile(r"</question>", re.IGNORECASE)
+_ANSWER_OPEN = re.compile(r"<answer>", re.IGNORECASE)
+_ANSWER_CLOSE = re.compile(r"</answer>", re.IGNORECASE)
+_CONTROL_RE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+_SURROGATE_RE = re.compile(r"[\ud800-\udfff]")
+_SNIPPET_CHARS = 300
+
+
+def _snippet(value: Any) -> str:
+    """A short printable form of any input for ``Rejection.text``; never raises."""
+    try:
+        if isinstance(value, str):
+            text = value[: _SNIPPET_CHARS + 1]
+        else:
+            limits = reprlib.Repr()
+            limits.maxstring = limits.maxother = _SNIPPET_CHARS
+            text = limits.repr(value)
+        # Lone surrogates would break JSON logs later; show them escaped.
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+        return text if len(text) <= _SNIPPET_CHARS else text[:_SNIPPET_CHARS] + "..."
+    except Exception:  # noqa: BLE001 - a hostile __repr__ must not break validation
+        return f"<unprintable {type(value).__name__}>"
+
+
+def _reject(reason: str, detail: str, value: Any) -> Rejection:
+    return Rejection(reason=reason, detail=detail, text=_snippet(value))
+
+
+def _check_field(name: str, value: str, limit: int, too_long: str) -> Rejection | None:
+    """Problems every text field must avoid, whatever the source."""
+    if not value.strip():
+        return _reject(f"empty_{name}", f"the {name} is empty", value)
+    if _SURROGATE_RE.search(value):
+        return _reject("invalid_unicode", f"the {name} contains lone surrogates", value)
+    if _CONTROL_RE.search(value):
+        return _reject("control_characters", f"the {name} contains control characters", value)
+    if len(value) > limit:
+        return _reject(too_long, f"the {name} has {len(value)} characters, more than {limit}", value)
+    return None
+
+
+def _unbox_answer(answer: str) -> str | Rejection:
+    """Strip one ``\\boxed{}`` wrapping the whole answer; any box left over is an error."""
+    stripped = answer.strip()
+    if "\\boxed" not in stripped and "\\fbox" not in stripped:
+        return stripped
+    inner = extract_boxed(stripped)
+    if inner is not None and stripped.rstrip(".") in (f"\\boxed{{{inner}}}", f"\\fbox{{{inner}}}"):
+        stripped = inner.strip()
+    if "\\boxed" in stripped or "\\fbox" in stripped:
+        return _reject("nested_box", "the answer must be a bare value, optionally inside one box", answer)
+    return stripped
+
+
+def _validated(
+    question: str, answer: str, *, source: str, max_question_chars: int, max_answer_chars: int,
+    require_parsable: bool, timeout: float,
+) -> Problem | Rejection:
+    # Surrounding whitespace (a trailing "\r\n" included) is formatting, not content.
+    question = question.strip()
+    problem = _check_field("question", question, max_question_chars, "too_long")
+    if problem is not None:
+        return problem
+    unboxed = _unbox_answer(answer)
+    if isinstance(unboxed, Rejection):
+        return unboxed
+    problem = _check_field("answer", unboxed, max_answer_chars, "answer_too_long")
+    if problem is not None:
+        return problem
+    if require_parsable:
+        if not answer_parses(unboxed, timeout=timeout):
+            return _reject("unparsable_answer", "Math-Verify could not read the answer in time", unboxed)
+    return Problem(question=question, answer=unboxed, source=source)
+
+
+def parse_teacher_output(
+    text: str, *, max_question_chars: int = MAX_QUESTION_CHARS, source: str = "teacher", timeout: float = 5.0,
+) -> Problem | Rejection:
+    """Read ``<question>...</question>`` then ``<answer>\\boxed{...}</answer>``; never raises.
+
+    Rejections follow the paper: a missing tag pair, a missing box, or a boxed answer that
+    Math-Verify cannot parse (checked in a worker process within ``timeout`` seconds). Tags are
+    case-insensitive; text outside them is ignored. A reply generated after a forced
+    ``<question>`` prefix must be passed with that prefix prepended.
+    """
+    try:
+        if not isinstance(text, str):
+            return _reject("wrong_type", f"teacher output must be str, got {type(text).__name__}", text)
+        if not text.strip():
+            return _reject("empty", "the teacher output is empty", text)
+        opens = list(_QUESTION_OPEN.finditer(text))
+        if not opens:
+            return _reject("missing_question_tag", "no <question> tag", text)
+        if len(opens) > 1:
+            return _reject("multiple_questions", f"{len(opens)} <question> tags", text)
+        close = _QUESTION_CLOSE.search(text, opens[0].end())
+        if close is None:
+            return _reject("missing_question_tag", "<question> is never closed", text)
+        answer_opens = list(_ANSWER_OPEN.finditer(text, close.end()))
+        if not answer_opens:
+            return _reject("missing_answer_tag", "no <answer> tag after the question", text)
+        if len(answer_opens) > 1:
+            return _reject("multiple_answers", f"{len(answer_opens)} <answer> tags", text)
+        answer_close = _ANSWER_CLOSE.search(text, answer_opens[0].end())
+        if answer_close is None:
+            return _reject("missing_answer_tag", "<answer> is never closed", text)
+        question = text[opens[0].end() : close.start()]
+        if not question.strip():
+            return _reject("empty_question", "nothing between the question tags", text)
+        if len(question.strip()) > max_question_chars:
+            return _reject("too_long", f"question longer than {max_question_chars} characters", question)
+        answer_block = text[answer_opens[0].end() : answer_close.start()]
+        boxed = extract_boxed(answer_block)
+        if boxed is None:
+            return _reject("missing_box", "the answer is not inside \\boxed{...}", answer_block)
+        if not boxed.strip():
+            return _reject("empty_answer", "the box is empty", answer_block)
+        return _validated(
+            question, boxed, source=source, max_question_chars=max_question_chars,
+            max_answer_chars=MAX_ANSWER_CHARS, require_parsable=True, timeout=timeout,
+        )
+    except Exception as error:  # noqa: BLE001 - a rejection is more useful to a run than a crash
+        return _reject("internal_error", f"{type(error).__name__}: {error}", text)
+
+
+def to_problem(
+    entry: Any, *, source: str = "action", max_question_chars: int = MAX_QUESTION_CHARS,
+    max_answer_chars: int = MAX_ANSWER_CHARS, require_parsable: bool = False, timeout: float = 5.0,
+) -> Problem | Rejection:
+    """Validate an environment action entry into a :class:`Problem`; never raises.
+
+    Accepts a ``Problem``, a mapping with ``"question"`` and ``"answer"``, or a
+    ``(question, answer)`` pair. One ``\\boxed{}`` around the answer is removed. A ``Problem``
+    keeps its own source, id and meta. ``require_parsable`` also asks Math-Verify (as teacher
+    output parsing does); it is off by default because it costs a worker round trip.
+    """
+    try:
+        if isinstance(entry, Problem):
+            question, answer = entry.question, entry.answer
+        elif isinstance(entry, Mapping):
+            if "question" not in entry or "answer" not in entry:
+                return _reject("missing_field", "a mapping entry needs 'question' and 'answer'", entry)
+            question, answer = entry["question"], entry["answer"]
+        elif isinstance(entry, (tuple, list)):
+            if len(entry) != 2:
+                return _reject("wrong_length", f"expected (question, answer), got {len(entry)} items", entry)
+            question, answer = entry
+        else:
+            hint = "; use parse_teacher_output for raw teacher text" if isinstance(entry, (str, bytes)) else ""
+            return _reject("wrong_type", f"cannot make a problem from {type(entry).__name__}{hint}", entry)
+        if not isinstance(question, str) or not isinstance(answer, str):
+            kinds = f"question: {type(question).__name__}, answer: {type(answer).__name__}"
+            return _reject("not_string", f"question and answer must be str ({kinds})", entry)
+        result = _validated(
+            str(question), str(answer), source=source, max_question_chars=max_question_chars,
+            max_answer_chars=max_answer_chars, require_parsable=require_parsable, timeout=timeout,
+        )
+        if isinstance(entry, Problem) and isinstance(result, Problem):
+            if result.question == entry.question and result.answer == entry.answer:
+                return entry
+            return replace(entry, question=result.question, answer=result.answer)
+        return result
+    except Exception as error:  # noqa: BLE001 - actions come from user code; report, never crash
+        return _reject("internal_error", f"{type(error).__name__}: {error}", entry)
