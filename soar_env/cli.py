@@ -98,6 +98,28 @@ def _cmd_hardset(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    # Lazy: soar_env never imports agents at module level (agents depends on soar_env).
+    from agents.train import run_from_args
+
+    return run_from_args(args)
+
+
+def _add_train_command(commands: Any) -> None:
+    """``soar train``: its options come from agents.train's configs, imported only when the parser is built."""
+    try:
+        from agents.train import add_train_arguments
+    except ImportError:  # soar_env used without the agents package
+        return
+    train = commands.add_parser(
+        "train", help="meta-train a teacher against SOAR-MATH-v0 (SOAR, baselines or module:Class)",
+        description="Meta-train a teacher: progress bar, TensorBoard, checkpoints, PQ file and a summary. "
+                    "Every value is checked before a model loads; --resume DIR continues a killed run.",
+        allow_abbrev=False)
+    add_train_arguments(train)
+    train.set_defaults(run=_cmd_train)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from soar_env import __version__
     from soar_env.data.hardset import HardSetConfig
@@ -111,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Sample each problem K times with the student prompt and keep those with 0/K correct.")
     add_dataclass_arguments(hardset, HardSetConfig)
     hardset.set_defaults(run=_cmd_hardset)
+    _add_train_command(commands)
     return parser
 
 

@@ -1,0 +1,31 @@
+"""Models: name resolution (embedded default, tiny, local folders, hub ids) and the LM policy.
+
+    >>> from soar_env.models import LMPolicy
+    >>> student = LMPolicy.from_name("tiny")          # "smollm2-135m-instruct" for the real one
+"""
+
+from soar_env.models.policy import LLAMA_LINEAR_MODULES, LMPolicy, LoraSettings, Rollout
+from soar_env.models.resolve import (
+    EMBEDDED_DEFAULT,
+    ModelLoadError,
+    clear_model_cache,
+    embedded_gguf_path,
+    is_embedded_available,
+    load_model,
+)
+from soar_env.models.tiny import build_tiny_model, build_tiny_tokenizer
+
+__all__ = [
+    "EMBEDDED_DEFAULT",
+    "LLAMA_LINEAR_MODULES",
+    "LMPolicy",
+    "LoraSettings",
+    "ModelLoadError",
+    "Rollout",
+    "build_tiny_model",
+    "build_tiny_tokenizer",
+    "clear_model_cache",
+    "embedded_gguf_path",
+    "is_embedded_available",
+    "load_model",
+]

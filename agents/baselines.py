@@ -1,0 +1,126 @@
+"""Baseline teachers of the paper, behind the same protocol as SOAR's teacher.
+
+- `RandomTeacher`: procedural problems, families and difficulty levels drawn uniformly; no model.
+- `BaseTeacher` (Base-T): the LLM teacher as it is, never trained: what SOAR starts from.
+- `HardOnlyTeacher` (Hard-Only): proposes the hard train problems themselves, so the student
+  does plain RLOO on the hard set through the same env, and gets the same zero-reward plateau
+  the paper describes.
+
+`IntrinsicTeacher` (Intrinsic-T) lives next to `RLOOTeacher`, being the same learner.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from agents.base import Teacher, env_config, env_core
+from agents.rloo_teacher import RLOOTeacher
+from soar_env.problems import Problem
+
+
+def _rng_state(rng: np.random.Generator) -> dict[str, Any]:
+    return copy.deepcopy(rng.bit_generator.state)
+
+
+def _rng_from(state: Mapping[str, Any]) -> np.random.Generator:
+    bit_generator = getattr(np.random, state["bit_generator"])()
+    bit_generator.state = copy.deepcopy(dict(state))
+    return np.random.Generator(bit_generator)
+
+
+class RandomTeacher(Teacher):
+    """Uniformly random generated problems (`soar_env.data.generators`); learns nothing.
+
+    ``families`` (default: all) and ``difficulty`` (levels drawn uniformly per problem) narrow
+    the draw. A floor for every teacher: anything that learns should beat it.
+    """
+
+    def __init__(self, families: Sequence[str] | None = None, difficulty: Sequence[int] | int = (1, 2, 3, 4, 5),
+                 seed: int | None = 0) -> None:
+        super().__init__()
+        from soar_env.data.generators import FAMILIES, MAX_DIFFICULTY, MIN_DIFFICULTY
+
+        self.families = tuple(families) if families is not None else FAMILIES
+        unknown = [f for f in self.families if f not in FAMILIES]
+        if unknown or not self.families:
+            raise ValueError(f"unknown families {unknown or list(self.families)}; valid: {', '.join(FAMILIES)}")
+        levels = [difficulty] if isinstance(difficulty, int) else list(difficulty)
+        if not levels or any(not MIN_DIFFICULTY <= int(d) <= MAX_DIFFICULTY for d in levels):
+            raise ValueError(f"difficulty levels must be in {MIN_DIFFICULTY}..{MAX_DIFFICULTY}, got {difficulty!r}")
+        self.difficulty = tuple(int(d) for d in levels)
+        self.rng = np.random.default_rng(seed)
+
+    def propose(self, num_datasets: int, problems_per_dataset: int) -> list[list[Problem]]:
+        from soar_env.data.generators import sample_problems
+
+        return [sample_problems(problems_per_dataset, self.rng, families=self.families, difficulty=self.difficulty)
+                for _ in range(num_datasets)]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rng": _rng_state(self.rng)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.rng = _rng_from(state["rng"])
+
+
+class BaseTeacher(RLOOTeacher):
+    """Base-T: the untrained LLM teacher, sampling exactly as `RLOOTeacher` does but never updating.
+
+    Checkpoints hold its sampling RNG only: its weights are the model's own.
+    """
+
+    learns = False
+
+
+class HardOnlyTeacher(Teacher):
+    """Hard-Only: each dataset is n problems of the hard train split (shuffled, cycled without repeats).
+
+    The problems come from the env's own hard pool (``setup``), or from ``problems`` when given.
+    """
+
+    def __init__(self, problems: Sequence[Problem] | None = None, seed: int | None = 0) -> None:
+        super().__init__()
+        self.problems = list(problems) if problems is not None else None
+        self.rng = np.random.default_rng(seed)
+        self._order: list[int] = []
+        self._position = 0
+
+    def setup(self, env: Any, total_steps: int) -> None:
+        if self.problems is not None:
+            return
+        core = env_core(env)
+        if core is not None:
+            self.problems = list(core.hard_pool)
+            return
+        config = env_config(env)
+        if config is None:
+            raise ValueError("HardOnlyTeacher needs a SOAR env (for its hard set) or problems=[...]")
+        from soar_env.envs.soar_math import load_hard_pool
+
+        self.problems = load_hard_pool(config)
+
+    def _next(self) -> Problem:
+        assert self.problems, "HardOnlyTeacher has no problems: call setup(env) or pass problems=[...]"
+        if self._position >= len(self._order):
+            self._order = [int(i) for i in self.rng.permutation(len(self.problems))]
+            self._position = 0
+        problem = self.problems[self._order[self._position]]
+        self._position += 1
+        return problem
+
+    def propose(self, num_datasets: int, problems_per_dataset: int) -> list[list[Problem]]:
+        if self.problems is None:
+            raise RuntimeError("HardOnlyTeacher.propose before setup(env): it does not know the hard set yet")
+        return [[self._next() for _ in range(problems_per_dataset)] for _ in range(num_datasets)]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rng": _rng_state(self.rng), "order": list(self._order), "position": self._position}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.rng = _rng_from(state["rng"])
+        self._order = [int(i) for i in state["order"]]
+        self._position = int(state["position"])

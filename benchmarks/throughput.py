@@ -1,0 +1,475 @@
+"""Student RLOO step throughput: soar-gym (LMPolicy + RLOOUpdater) against TRL's RLOOTrainer.
+
+    python benchmarks/throughput.py --model smollm2-135m-instruct --runs 4 [--problems 4 --group-size 8 --max-new-tokens 24 --lora]
+
+Two measurements, on the same model, the same prompts and the same settings:
+
+1. **Generation**: our sampler (``LMPolicy.sample``: one prefill per prompt, KV cache copied
+   to its samples) against plain ``model.generate`` on the identical left-padded batch of
+   ``problems x group_size`` rows (the same model object, so the same weights and adapters).
+2. **One student RLOO step** = sample ``group_size`` completions for each of ``problems``
+   prompts + grade them (``soar_env.verify.grade_many``, last-number fallback unless
+   ``--require-box``) + one update. Ours is the body of ``Student._run`` (``LMPolicy.sample``,
+   ``grade_many``, ``RLOOUpdater.update``); TRL's is one optimizer step of ``trl.RLOOTrainer``
+   (generation with ``model.generate``, old/ref log-prob passes, reward function, loss,
+   backward, AdamW) configured to the same batch, group size (``num_generations``), max
+   completion length, lr, KL coefficient (``beta``), fp32, no gradient checkpointing, no vLLM,
+   and LoRA through ``peft_config`` when ours uses LoRA.
+
+Runs are interleaved (ours, TRL, TRL, ours, ours, TRL, ...: the order flips every pair) so
+that a change in machine load hits both sides alike; the first ``--warmup`` runs of each side
+are dropped. Tokens are the completion tokens each side actually kept (cut after eos), counted
+on both sides, so tokens/s is fair even when the two samplers draw different completions.
+The step time of TRL is measured from ``on_step_begin`` to ``on_step_end`` of its training
+loop, which covers generation, scoring, rewards, loss, backward and the optimizer step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import torch
+
+from soar_env.data.generators import sample_problems
+from soar_env.models.policy import LLAMA_LINEAR_MODULES, LMPolicy, LoraSettings
+from soar_env.models.resolve import load_model
+from soar_env.problems import Problem
+from soar_env.prompts import student_prompt
+from soar_env.rl.rloo import RLOOConfig, RLOOUpdater
+from soar_env.verify import grade_many, shutdown_grading_pool, warm_up
+
+
+@dataclass
+class Side:
+    """Timed runs of one implementation: seconds, kept tokens and a per-phase breakdown per run."""
+
+    name: str
+    seconds: list[float] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)
+    phases: list[dict[str, float]] = field(default_factory=list)
+    loads: list[float] = field(default_factory=list)
+
+    def add(self, seconds: float, tokens: int, phases: dict[str, float] | None = None) -> None:
+        self.seconds.append(seconds)
+        self.tokens.append(tokens)
+        self.phases.append(dict(phases or {}))
+        self.loads.append(os.getloadavg()[0])
+
+    def drop_warmup(self, n: int) -> None:
+        for values in (self.seconds, self.tokens, self.phases, self.loads):
+            del values[:n]
+
+    @property
+    def rates(self) -> list[float]:
+        return [t / s for t, s in zip(self.tokens, self.seconds)]
+
+    def summary(self) -> dict[str, Any]:
+        phases: dict[str, list[float]] = defaultdict(list)
+        for run in self.phases:
+            for key, value in run.items():
+                phases[key].append(value)
+        return {
+            "runs": len(self.seconds),
+            "seconds": _mean_std(self.seconds),
+            "tokens": _mean_std([float(t) for t in self.tokens]),
+            "tokens_per_s": _mean_std(self.rates),
+            "phases_s": {key: statistics.fmean(values) for key, values in phases.items()},
+            "load1": _mean_std(self.loads),
+            "raw_seconds": self.seconds,
+            "raw_tokens": self.tokens,
+        }
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    if not values:
+        return (float("nan"), float("nan"))
+    return (statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+class PhaseTimer:
+    """Accumulates wall time per named phase; ``wrap`` times every call of a function."""
+
+    def __init__(self) -> None:
+        self.totals: dict[str, float] = defaultdict(float)
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.totals[name] += time.perf_counter() - start
+
+    def wrap(self, function: Callable[..., Any], name: Callable[..., str] | str) -> Callable[..., Any]:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            with self(name(*args, **kwargs) if callable(name) else name):
+                return function(*args, **kwargs)
+
+        return timed
+
+    def take(self) -> dict[str, float]:
+        totals, self.totals = dict(self.totals), defaultdict(float)
+        return totals
+
+
+# ---------------------------------------------------------------------------------------------
+# settings shared by both sides
+
+
+def make_problems(args: argparse.Namespace, steps: int) -> list[Problem]:
+    """Enough problems for ``steps`` steps of ``args.problems`` distinct prompts each."""
+    family, _, level = args.family.partition("@")
+    return sample_problems(args.problems * steps, args.seed, families=(family,), difficulty=int(level or 2))
+
+
+def lora_settings(args: argparse.Namespace) -> LoraSettings | None:
+    return LoraSettings(r=args.lora_r, alpha=2 * args.lora_r) if args.lora else None
+
+
+def grade_rewards(texts: list[str], golds: list[str], require_box: bool) -> list[float]:
+    """Binary rewards with the grader the student uses (same call on both sides)."""
+    return [1.0 if g.correct else 0.0 for g in grade_many(texts, golds, require_box=require_box, timeout=5.0)]
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. generation: our sampler against plain generate
+
+
+def plain_generate(policy: LMPolicy, prompts: list[str], group_size: int, max_new_tokens: int, seed: int) -> int:
+    """``model.generate`` on the prompts repeated ``group_size`` times; returns kept tokens."""
+    rows = [policy._encode(p) for p in prompts for _ in range(group_size)]
+    width = max(len(r) for r in rows)
+    pad = policy.tokenizer.pad_token_id
+    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])  # (P*G, width), left-padded
+    mask = (torch.arange(width)[None, :] >= torch.tensor([width - len(r) for r in rows])[:, None]).long()
+    with torch.random.fork_rng(devices=[]), torch.inference_mode():
+        torch.manual_seed(seed)
+        output = policy.model.generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=True,
+            temperature=1.0, top_k=0, top_p=1.0,
+        )
+    kept = 0
+    for row in output[:, width:].tolist():
+        cut = next((i + 1 for i, t in enumerate(row) if t in policy.eos_token_ids), len(row))
+        kept += cut
+    return kept
+
+
+def bench_generation(args: argparse.Namespace, policy: LMPolicy, problems: list[Problem]) -> tuple[Side, Side]:
+    ours, plain = Side("ours: LMPolicy.sample"), Side("plain model.generate")
+    total = args.warmup + args.runs
+    for k in range(total):
+        batch = problems[k * args.problems : (k + 1) * args.problems]
+        prompts = [policy.chat_prompt(student_prompt(p.question)) for p in batch]
+        order = [0, 1] if k % 2 == 0 else [1, 0]
+        for side in order:
+            start = time.perf_counter()
+            if side == 0:
+                rollout = policy.sample(prompts, num_samples=args.group_size, max_new_tokens=args.max_new_tokens, seed=k)
+                ours.add(time.perf_counter() - start, rollout.num_tokens)
+            else:
+                tokens = plain_generate(policy, prompts, args.group_size, args.max_new_tokens, seed=k)
+                plain.add(time.perf_counter() - start, tokens)
+        print(f"  gen run {k}: ours {ours.seconds[-1]:.2f}s {ours.tokens[-1]} tok | plain {plain.seconds[-1]:.2f}s "
+              f"{plain.tokens[-1]} tok | load {os.getloadavg()[0]:.1f}", flush=True)
+    ours.drop_warmup(args.warmup)
+    plain.drop_warmup(args.warmup)
+    return ours, plain
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. one RLOO step: ours against TRL, interleaved through a trainer callback
+
+
+class OurStep:
+    """One step of ``Student._run``: sample, grade, ``RLOOUpdater.update``; timed by phase."""
+
+    def __init__(self, args: argparse.Namespace, problems: list[Problem], total_steps: int) -> None:
+        self.args = args
+        self.problems = problems
+        self.policy = LMPolicy.from_name(args.model, lora=lora_settings(args))
+        # TRL runs its passes whatever the rewards; by default so do we (no shortcut for all-zero advantages).
+        config = RLOOConfig(
+            lr=args.lr, kl_coef=args.kl_coef, max_grad_norm=1.0, skip_zero_advantage=args.skip_zero_advantage
+        )
+        self.updater = RLOOUpdater(self.policy.trainable_parameters(), config, total_steps=total_steps)
+        self.timer = PhaseTimer()
+        original = self.policy.token_logprobs
+        self.policy.token_logprobs = self.timer.wrap(  # type: ignore[method-assign]
+            original, lambda *a, **kw: "logprob_ref_fwd" if kw.get("reference") else "logprob_fwd"
+        )
+        self.side = Side("ours: LMPolicy + RLOOUpdater")
+
+    def __call__(self, step: int) -> None:
+        args = self.args
+        batch = self.problems[step * args.problems : (step + 1) * args.problems]
+        prompts = [self.policy.chat_prompt(student_prompt(p.question)) for p in batch]
+        start = time.perf_counter()
+        with self.timer("generate"):
+            rollout = self.policy.sample(
+                prompts, num_samples=args.group_size, max_new_tokens=args.max_new_tokens, seed=args.seed + step
+            )
+        with self.timer("grade"):
+            rewards = grade_rewards(rollout.texts, [batch[i].answer for i in rollout.prompt_index], args.require_box)
+        with self.timer("update"):
+            stats = self.updater.update(self.policy, rollout, rewards, args.group_size)
+        seconds = time.perf_counter() - start
+        phases = self.timer.take()
+        phases["backward+optimizer"] = phases["update"] - phases.get("logprob_fwd", 0) - phases.get("logprob_ref_fwd", 0)
+        phases["reward_mean"] = sum(rewards) / len(rewards)
+        phases["skipped"] = stats["skipped"]
+        self.side.add(seconds, rollout.num_tokens, phases)
+
+
+def build_trl(args: argparse.Namespace, problems: list[Problem], total_steps: int, output_dir: str) -> tuple[Any, Side, PhaseTimer]:
+    """A TRL RLOOTrainer on the same model, prompts and settings, with its phases timed."""
+    from datasets import Dataset
+    from peft import LoraConfig
+    from trl import RLOOConfig as TRLConfig
+    from trl import RLOOTrainer
+
+    model, tokenizer = load_model(args.model)
+    # Same prompt text as LMPolicy.chat_prompt (the template applied here; TRL tokenises the string).
+    prompts = []
+    for p in problems:
+        messages = [{"role": "user", "content": student_prompt(p.question)}]
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        prompts.append({"prompt": str(text), "answer": p.answer})
+    dataset = Dataset.from_list(prompts)
+    side = Side("TRL RLOOTrainer")
+    timer = PhaseTimer()
+    tokens_seen: list[int] = []
+
+    def reward(prompts: list[str], completions: list[str], completion_ids: list[list[int]], answer: list[str], **_: Any) -> list[float]:
+        tokens_seen.append(sum(len(ids) for ids in completion_ids))
+        with timer("grade"):
+            return grade_rewards(list(completions), list(answer), args.require_box)
+
+    config = TRLConfig(
+        output_dir=output_dir,
+        per_device_train_batch_size=args.problems * args.group_size,
+        gradient_accumulation_steps=1,
+        num_generations=args.group_size,
+        max_completion_length=args.max_new_tokens,
+        temperature=1.0,
+        top_k=0,
+        top_p=1.0,
+        learning_rate=args.lr,
+        lr_scheduler_type="cosine",
+        warmup_steps=0,
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        beta=args.kl_coef,
+        num_iterations=1,
+        max_steps=total_steps,
+        shuffle_dataset=False,
+        gradient_checkpointing=False,
+        bf16=False,
+        fp16=False,
+        use_cpu=True,
+        use_vllm=False,
+        disable_dropout=True,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=10**6,
+        disable_tqdm=True,
+        seed=args.seed,
+        dataloader_num_workers=0,
+    )
+    peft_config = None
+    if args.lora:
+        peft_config = LoraConfig(
+            r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.0, target_modules=list(LLAMA_LINEAR_MODULES),
+            bias="none", task_type="CAUSAL_LM",
+        )
+    trainer = RLOOTrainer(
+        model=model, reward_funcs=reward, args=config, train_dataset=dataset, processing_class=tokenizer,
+        peft_config=peft_config,
+    )
+    trainer._generate = timer.wrap(trainer._generate, "generate")
+    logprobs = trainer._get_per_token_logps_and_entropies
+    trainer._get_per_token_logps_and_entropies = timer.wrap(
+        logprobs, lambda *a, **kw: "logprob_fwd" if torch.is_grad_enabled() else "logprob_nograd_fwd"
+    )
+    trainer._benchmark_tokens = tokens_seen  # type: ignore[attr-defined]
+    return trainer, side, timer
+
+
+def bench_steps(args: argparse.Namespace) -> tuple[Side, Side, dict[str, Any]]:
+    from transformers import TrainerCallback
+
+    total = args.warmup + args.runs
+    problems = make_problems(args, total)
+    with tempfile.TemporaryDirectory() as output_dir:
+        trainer, trl_side, trl_timer = build_trl(args, problems, total, output_dir)
+        ours = OurStep(args, problems, total)
+        info = {
+            "trl_trainable": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
+            "ours_trainable": ours.policy.num_trainable,
+            "torch_threads_after_trl_init": torch.get_num_threads(),
+        }
+        # TRL tokenises the prompt text itself: check it gets our token ids.
+        ours_ids = ours.policy._encode(ours.policy.chat_prompt(student_prompt(problems[0].question)))
+        trl_ids = trainer._tokenize_prompts([trainer.train_dataset[0]["prompt"]])[0][0]
+        info["same_prompt_tokens"] = list(trl_ids) == ours_ids
+        if not info["same_prompt_tokens"]:
+            print(f"WARNING: prompt tokens differ: ours {len(ours_ids)}, TRL {len(trl_ids)}", file=sys.stderr)
+
+        class Interleave(TrainerCallback):
+            """Runs our step k just before (even k) or just after (odd k) TRL's step k."""
+
+            start = 0.0
+
+            def on_step_begin(self, targs: Any, state: Any, control: Any, **kwargs: Any) -> None:
+                k = state.global_step
+                if k % 2 == 0:
+                    ours(k)
+                trl_timer.take()
+                self.start = time.perf_counter()
+
+            def on_step_end(self, targs: Any, state: Any, control: Any, **kwargs: Any) -> None:
+                seconds = time.perf_counter() - self.start
+                k = state.global_step - 1
+                phases = trl_timer.take()
+                fwd = phases.get("logprob_fwd", 0.0) + phases.get("logprob_nograd_fwd", 0.0)
+                phases["backward+optimizer"] = seconds - phases.get("generate", 0) - phases.get("grade", 0) - fwd
+                tokens = trainer._benchmark_tokens[-1]
+                trl_side.add(seconds, tokens, phases)
+                if k % 2 == 1:
+                    ours(k)
+                print(f"  step {k}: ours {ours.side.seconds[-1]:.2f}s {ours.side.tokens[-1]} tok | TRL {seconds:.2f}s "
+                      f"{tokens} tok | load {os.getloadavg()[0]:.1f}", flush=True)
+
+        trainer.add_callback(Interleave())
+        trainer.train()
+    ours.side.drop_warmup(args.warmup)
+    trl_side.drop_warmup(args.warmup)
+    return ours.side, trl_side, info
+
+
+# ---------------------------------------------------------------------------------------------
+# report
+
+
+def machine() -> dict[str, Any]:
+    cpu = platform.processor() or "?"
+    try:
+        for line in open("/proc/cpuinfo", encoding="utf-8"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import transformers
+    import trl
+
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "trl": trl.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def fmt(pair: tuple[float, float], digits: int = 2) -> str:
+    return f"{pair[0]:.{digits}f} ± {pair[1]:.{digits}f}"
+
+
+def report_pair(title: str, ours: Side, other: Side) -> dict[str, Any]:
+    a, b = ours.summary(), other.summary()
+    ratio = a["tokens_per_s"][0] / b["tokens_per_s"][0]
+    speedup = b["seconds"][0] / a["seconds"][0]
+    print(f"\n{title}  ({a['runs']} runs each after warm-up)")
+    print(f"| {'side':34} | {'s / run':>14} | {'tokens / run':>14} | {'tokens/s':>14} | {'load1':>11} |")
+    print(f"|{'-' * 36}|{'-' * 16}:|{'-' * 16}:|{'-' * 16}:|{'-' * 13}:|")
+    for side, s in ((ours, a), (other, b)):
+        print(f"| {side.name:34} | {fmt(s['seconds']):>14} | {fmt(s['tokens'], 0):>14} | {fmt(s['tokens_per_s'], 1):>14} "
+              f"| {fmt(s['load1'], 1):>11} |")
+    print(f"ratio ours/{other.name}: tokens/s x{ratio:.2f}, time per run x{speedup:.2f} faster")
+    for side, s in ((ours, a), (other, b)):
+        if s["phases_s"]:
+            parts = ", ".join(f"{k} {v:.2f}" for k, v in s["phases_s"].items())
+            print(f"  {side.name} mean per run: {parts}")
+    return {"ours": a, "other": b, "tokens_per_s_ratio": ratio, "time_speedup": speedup}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m-instruct", help="tiny | smollm2-135m-instruct | a local folder")
+    parser.add_argument("--runs", type=int, default=4, help="timed runs per side, after the warm-up")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed first runs per side")
+    parser.add_argument("--problems", type=int, default=4, help="prompts per RLOO step (the batch)")
+    parser.add_argument("--group-size", type=int, default=8, help="samples per prompt (TRL: num_generations)")
+    parser.add_argument("--max-new-tokens", type=int, default=24, help="completion limit (TRL: max_completion_length)")
+    parser.add_argument("--lora", action=argparse.BooleanOptionalAction, default=True, help="LoRA adapters or full fine-tuning")
+    parser.add_argument("--lora-r", type=int, default=16, help="LoRA rank (alpha = 2r, all linear layers)")
+    parser.add_argument("--lr", type=float, default=2e-4, help="AdamW peak learning rate (cosine, no warm-up)")
+    parser.add_argument("--kl-coef", type=float, default=0.001, help="KL coefficient (TRL: beta)")
+    parser.add_argument("--family", default="addition@2", help="generator family@difficulty of the prompts")
+    parser.add_argument("--require-box", action="store_true", help="grade only boxed answers (default: last-number fallback)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch.set_num_threads (default: torch's choice); use 1 when the cores are shared")
+    parser.add_argument("--skip-zero-advantage", action="store_true",
+                        help="let ours skip the update of an all-zero-advantage batch (Student's default); off here so "
+                             "both sides always do the same passes")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--skip-generation", action="store_true", help="only the RLOO step comparison")
+    parser.add_argument("--skip-steps", action="store_true", help="only the generation comparison")
+    parser.add_argument("--json", default=None, help="also write the results to this file")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    load_start = os.getloadavg()
+    results: dict[str, Any] = {"settings": vars(args), "machine": machine(), "load_start": load_start}
+    print(f"model {args.model}, LoRA {'r=' + str(args.lora_r) if args.lora else 'off (full fine-tuning)'}, "
+          f"{args.problems} prompts x {args.group_size} samples, {args.max_new_tokens} new tokens, lr {args.lr}, "
+          f"KL {args.kl_coef}, fp32")
+    m = results["machine"]
+    print(f"machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} with {m['torch_threads']} threads, "
+          f"transformers {m['transformers']}, trl {m['trl']}; load average at start {load_start[0]:.2f} {load_start[1]:.2f} {load_start[2]:.2f}")
+    warm_up(1)  # grader start-up is a one-off cost, as in a long training run
+    try:
+        if not args.skip_generation:
+            policy = LMPolicy.from_name(args.model, lora=lora_settings(args))
+            problems = make_problems(args, max(1, args.warmup + args.runs))
+            print("\n[1] generation: our sampler vs plain model.generate (same model object, same rows)")
+            ours, plain = bench_generation(args, policy, problems)
+            results["generation"] = report_pair("generation", ours, plain)
+            del policy
+        if not args.skip_steps:
+            print("\n[2] one student RLOO step (sample + grade + update): ours vs TRL RLOOTrainer")
+            ours_steps, trl_steps, info = bench_steps(args)
+            results["step"] = report_pair("RLOO step", ours_steps, trl_steps)
+            results["step"].update(info)
+            print(f"  trainable parameters: ours {info['ours_trainable']:,}, TRL {info['trl_trainable']:,}; "
+                  f"identical prompt tokens: {info['same_prompt_tokens']}")
+    finally:
+        shutdown_grading_pool()
+    results["load_end"] = os.getloadavg()
+    print(f"\nload average at end {results['load_end'][0]:.2f} {results['load_end'][1]:.2f} {results['load_end'][2]:.2f}")
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as handle:
+            json.dump(results, handle, indent=2, default=str)
+    return results
+
+
+if __name__ == "__main__":
+    main()

