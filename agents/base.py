@@ -10,7 +10,8 @@ problems, ``update(rewards, infos)`` learns from what the environment said about
 ``save``/``load`` and metric recording for free; a few lines are enough (examples/my_teacher.py).
 
 ``learn`` is the outer loop of SOAR: propose, step the env (the student trains inside the
-step), feed the rewards back, log, checkpoint. It drives the vector env (g datasets judged
+step), feed the rewards back, log, checkpoint. A run directory also gets ``proposals.jsonl``:
+every proposed dataset with its reward, for the question analyses of the paper. It drives the vector env (g datasets judged
 against one shared baseline: the paper's setting, and what `RLOOTeacher` needs) or a single
 env (g = 1). Checkpoints hold the teacher state (weights and optimizer), the env state
 (baseline student, PQ, promotion window, RNG), the step counter and the logger history, each
@@ -38,6 +39,7 @@ from soar_env.problems import Problem
 CHECKPOINT_FORMAT = "soar-gym-run/1"
 CHECKPOINTS_DIR = "checkpoints"
 PQ_FILE = "pq.jsonl"
+PROPOSALS_FILE = "proposals.jsonl"
 TEACHER_FILE = "teacher.pt"
 ENV_FILE = "env.pt"
 TRAINER_FILE = "trainer.json"
@@ -457,6 +459,37 @@ def write_pq(run_dir: Path, problems: Sequence[Problem]) -> Path:
     return path
 
 
+def _entry_dict(entry: Any) -> dict[str, Any]:
+    if isinstance(entry, Problem):
+        return {"question": entry.question, "answer": entry.answer, "source": entry.source}
+    if isinstance(entry, Mapping):
+        return {"question": str(entry.get("question")), "answer": str(entry.get("answer"))}
+    if isinstance(entry, (tuple, list)) and len(entry) == 2:
+        return {"question": str(entry[0]), "answer": str(entry[1])}
+    return {"entry": repr(entry)[:300]}
+
+
+def append_proposals(run_dir: Path, step: int, batches: Sequence[Sequence[Any]], rewards: np.ndarray,
+                     promoted_dataset: int) -> None:
+    """One line per dataset: what the teacher proposed at ``step`` and what it earned (for question analysis)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with (run_dir / PROPOSALS_FILE).open("a", encoding="utf-8") as handle:
+        for k, batch in enumerate(batches):
+            row = {"step": step, "dataset": k, "reward": float(rewards[k]), "promoted": k == promoted_dataset,
+                   "problems": [_entry_dict(entry) for entry in batch]}
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def truncate_proposals(run_dir: Path, last_step: int) -> None:
+    """Drop proposals a killed run logged after its last checkpoint."""
+    path = run_dir / PROPOSALS_FILE
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text(encoding="utf-8").splitlines(keepends=True)
+            if line.strip() and json.loads(line)["step"] <= last_step]
+    _atomic_write_text(path, "".join(kept))
+
+
 def _atomic_write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -601,6 +634,8 @@ def run_learning(
             obs, _ = driver.reset(seed=seed)
         logger.load_state_dict(trainer_state.get("logger", {}))
         start_step = int(trainer_state["step"])
+        if run_path is not None:
+            truncate_proposals(run_path, start_step)
     else:
         obs, _ = driver.reset(seed=seed)
         start_step = 0
@@ -646,6 +681,8 @@ def run_learning(
             metrics = logger.dump(step)
             record = StepRecord(step=step, batches=batches, rewards=rewards, infos=list(infos), metrics=metrics,
                                 promoted=bool(metrics.get("teacher/promoted", 0.0)))
+            if run_path is not None:
+                append_proposals(run_path, step, batches, rewards, int(shared.get("promoted_dataset", -1)))
             keep_going = callbacks.on_step(record) is not False
             bar.update(1)
             bar.set_postfix(reward=f"{metrics['teacher/reward_mean']:+.4f}",

@@ -35,6 +35,7 @@ import dataclasses
 import difflib
 import math
 import os
+import re
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -64,6 +65,8 @@ ARITHMETIC_TOPICS = ("arithmetic with whole numbers and fractions, order of oper
 all ten); the teacher never sees the problems themselves."""
 
 STATE_FORMAT = "soar-gym-teacher/1"
+
+_DIGIT = re.compile(r"\d")
 
 
 @dataclass
@@ -111,6 +114,9 @@ class TeacherConfig:
     question_ends_at_newline: bool = False
     """prefill "answer" only: a line break also ends the question (small models ramble on
     instead of closing the tag; their first line is usually the question)."""
+    require_numeric_answer: bool = False
+    """Also reject answers without a digit: small models copy the prompt's "\\boxed{final answer}",
+    which Math-Verify reads as a product of symbols that no student can match."""
     topics: str = MATH_TOPICS
     """Topics the fixed teacher prompt names (those of the target benchmark; no seed problems)."""
     max_attempts: float = 4.0
@@ -169,7 +175,10 @@ TEACHER_PRESETS: dict[str, TeacherConfig] = {
     # This machine: the embedded SmolLM2-135M with LoRA (the env's setting). It writes the tags
     # 0-3 times in 32 free-form and, after a forced <question>, closes the tag rarely but ends
     # its first line with the question, so the question ends at a line break and the answer
-    # prefix is forced. The LoRA lr is the one that moved the student here (DESIGN.md), halved.
+    # prefix is forced (then ~75% of outputs pass). Most of its boxed answers copy the prompt's
+    # "final answer"; require_numeric_answer would reject those, but measured here it rejected
+    # every output of 3 steps, so it stays off. The LoRA lr is the one that moved the student
+    # here (DESIGN.md), halved.
     "cpu": TeacherConfig(lr=1e-4, warmup_steps=2, max_new_tokens=64, answer_max_new_tokens=12, prefill="answer",
                          question_ends_at_newline=True, topics=ARITHMETIC_TOPICS, max_attempts=4.0),
     # The paper: lr 1e-5, KL 0.001, warm-up 20, temperature 1.0, 512 new tokens, free-form reply.
@@ -268,6 +277,13 @@ class TeacherSampler:
         self.prefix = forced
         self.prompt = policy.chat_prompt(user, reply_prefix=forced)
 
+    def parse(self, text: str) -> Problem | Rejection:
+        """The paper's checks (`parse_teacher_output`), plus a digit in the answer when configured."""
+        result = parse_teacher_output(text)
+        if isinstance(result, Problem) and self.config.require_numeric_answer and not _DIGIT.search(result.answer):
+            return Rejection("non_numeric_answer", "the answer has no digit", result.answer[:300])
+        return result
+
     def sample(self, count: int, seed: int) -> list[Draft]:
         """``count`` drafts of the fixed prompt, each parsed (valid or with a rejection)."""
         config = self.config
@@ -278,7 +294,7 @@ class TeacherSampler:
             drafts = []
             for prompt_ids, ids, text in zip(rollout.prompt_ids, rollout.completion_ids, rollout.texts):
                 full = self.prefix + text
-                drafts.append(Draft(full, parse_teacher_output(full), [(prompt_ids, list(ids))]))
+                drafts.append(Draft(full, self.parse(full), [(prompt_ids, list(ids))]))
             return drafts
         return self._two_stage(count, seed)
 
@@ -318,7 +334,7 @@ class TeacherSampler:
                     draft.result = assembled
                 else:
                     draft.text = assembled
-                    draft.result = parse_teacher_output(assembled)
+                    draft.result = self.parse(assembled)
         return drafts
 
 

@@ -137,8 +137,9 @@ def _add_fields(parser: argparse.ArgumentParser | Any, cls: type, *, prefix: str
         flag = "--" + prefix + field.name.replace("_", "-")
         help_text = docs.get(field.name, "")
         note = default_note(field) if default_note else f"default: {field.default}"
-        kwargs: dict[str, Any] = {"dest": dest_prefix + field.name, "default": argparse.SUPPRESS,
-                                  "help": f"{help_text} ({note})"}
+        # A docstring that already names its default says it better than the field value.
+        text = help_text if "default" in help_text.lower() else f"{help_text} ({note})"
+        kwargs: dict[str, Any] = {"dest": dest_prefix + field.name, "default": argparse.SUPPRESS, "help": text}
         if is_bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
         else:

@@ -120,6 +120,40 @@ def _add_train_command(commands: Any) -> None:
     train.set_defaults(run=_cmd_train)
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from benchmarks.compare_teachers import run_from_args
+
+    return run_from_args(args)
+
+
+def _cmd_analyze(args: argparse.Namespace) -> int:
+    from soar_env.analysis import run_from_args
+
+    return run_from_args(args)
+
+
+def _add_bench_commands(commands: Any) -> None:
+    """``soar bench`` (benchmarks.compare_teachers) and ``soar analyze`` (soar_env.analysis), imported lazily."""
+    try:
+        from benchmarks.compare_teachers import add_arguments as add_bench_arguments
+    except ImportError:  # installed without the benchmarks folder
+        add_bench_arguments = None
+    if add_bench_arguments is not None:
+        bench = commands.add_parser(
+            "bench", help="compare teachers the paper's way (PQ, PS, baselines; pass@k with CIs)",
+            description="Run Hard-Only, Base-T, Random, Intrinsic-T, SOAR (PQ, PS, Grounded-T) and the SB3 teacher "
+                        "on a preset with N seeds; writes results.json, results.md and plots. --quick: a smoke test.")
+        add_bench_arguments(bench)
+        bench.set_defaults(run=_cmd_bench)
+    from soar_env.analysis import add_arguments as add_analyze_arguments
+
+    analyze = commands.add_parser(
+        "analyze", help="question analysis of run dirs: diversity, well-posedness, contamination, style",
+        description="Analyse 128 sampled questions per run dir (questions.jsonl, else pq.jsonl) without an LLM judge.")
+    add_analyze_arguments(analyze)
+    analyze.set_defaults(run=_cmd_analyze)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from soar_env import __version__
     from soar_env.data.hardset import HardSetConfig
@@ -134,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataclass_arguments(hardset, HardSetConfig)
     hardset.set_defaults(run=_cmd_hardset)
     _add_train_command(commands)
+    _add_bench_commands(commands)
     return parser
 
 

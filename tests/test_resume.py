@@ -141,6 +141,7 @@ def test_sigkill_then_resume_continues_exactly(tmp_path):
     assert_same(final_b, final_a, "final")
     assert final_b["teacher"]["updater"]["steps_done"] == STEPS  # the optimizer was not restarted
     assert (b / "pq.jsonl").read_text() == (a / "pq.jsonl").read_text() != ""
+    assert (b / "proposals.jsonl").read_text() == (a / "proposals.jsonl").read_text()  # no step logged twice
     summary_a = json.loads((a / "summary.json").read_text())
     summary_b = json.loads((b / "summary.json").read_text())
     for key in ("steps", "promotions", "pq_size", "reward_trajectory", "acceptance_trajectory", "student_accuracy"):

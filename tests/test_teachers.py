@@ -251,6 +251,17 @@ def test_two_stage_assembly_closes_the_forced_box():
     assert isinstance(rejection, Rejection) and rejection.reason == "unfinished_answer"
 
 
+def test_numeric_answer_filter_rejects_copied_placeholders():
+    sampler = TeacherSampler.__new__(TeacherSampler)
+    sampler.config = tiny_config(require_numeric_answer=True)
+    copied = sampler.parse("<question>the problem</question>\n<answer>\\boxed{final answer}</answer>")
+    assert isinstance(copied, Rejection) and copied.reason == "non_numeric_answer"
+    assert isinstance(sampler.parse("<question>What is 6 x 7?</question><answer>\\boxed{42}</answer>"), Problem)
+    sampler.config = tiny_config(require_numeric_answer=False)  # the paper's check alone accepts it
+    assert isinstance(sampler.parse("<question>the problem</question><answer>\\boxed{final answer}</answer>"),
+                      Problem)
+
+
 def test_teacher_presets_follow_the_paper():
     paper = make_teacher_config("paper")
     assert (paper.lr, paper.kl_coef, paper.warmup_steps, paper.temperature, paper.max_new_tokens) == \
@@ -335,6 +346,9 @@ def test_checkpoints_are_atomic_and_pruned(tmp_path):
     MyTeacher(seed=0).learn(scripted_vector_env(), 6, run_dir=tmp_path, resume_from=tmp_path, progress_bar=False)
     steps = [int(r["step"]) for r in csv.DictReader((tmp_path / "progress.csv").open())]
     assert steps == [1, 2, 3, 4, 5, 6]
+    proposals = [json.loads(line) for line in (tmp_path / "proposals.jsonl").open()]
+    assert [(r["step"], r["dataset"]) for r in proposals] == [(s, k) for s in range(1, 7) for k in (0, 1)]
+    assert all(len(r["problems"]) == 3 and "question" in r["problems"][0] for r in proposals)
     assert not list((tmp_path / "checkpoints").glob(".tmp-*"))
 
 
