@@ -85,9 +85,21 @@ REJECTION_REASONS: dict[str, str] = {
     "wrong_length": "a sequence entry does not have exactly two items",
     "missing_field": "a mapping entry lacks 'question' or 'answer'",
     "not_string": "question or answer is not a string",
+    "placeholder": "the question or answer is the prompt's own placeholder text (a copied template)",
     "internal_error": "validation itself failed; a bug, reported instead of raised",
 }
 """Every :attr:`Rejection.reason` that :func:`parse_teacher_output` and :func:`to_problem` use."""
+
+PLACEHOLDER_TEXTS = frozenset({"the problem", "problem", "final answer", "the final answer", "answer",
+                               "the answer", "your answer", "...", "\\ldots", "\\dots"})
+"""Template words a small teacher copies from the prompt; Math-Verify reads them as symbols,
+but no student can ever match them, so such an output would only add zero rewards."""
+
+
+def _is_placeholder(text: str) -> bool:
+    plain = re.sub(r"\\(?:text|mathrm|textbf)\{([^{}]*)\}", r"\1", text)
+    return " ".join(plain.lower().split()).strip(" .") in PLACEHOLDER_TEXTS or plain.strip() in PLACEHOLDER_TEXTS
+
 
 MAX_QUESTION_CHARS = 4000
 """Default question limit: the teacher writes at most 512 tokens (paper), about 2000 characters."""
@@ -213,6 +225,8 @@ def parse_teacher_output(
             return _reject("missing_box", "the answer is not inside \\boxed{...}", answer_block)
         if not boxed.strip():
             return _reject("empty_answer", "the box is empty", answer_block)
+        if _is_placeholder(question) or _is_placeholder(boxed):
+            return _reject("placeholder", "the prompt's template text was copied, not filled in", text)
         return _validated(
             question, boxed, source=source, max_question_chars=max_question_chars,
             max_answer_chars=MAX_ANSWER_CHARS, require_parsable=True, timeout=timeout,
