@@ -145,8 +145,10 @@ def _add_bench_commands(commands: Any) -> None:
                         "on a preset with N seeds; writes results.json, results.md and plots. --quick: a smoke test.")
         add_bench_arguments(bench)
         bench.set_defaults(run=_cmd_bench)
-    from soar_env.analysis import add_arguments as add_analyze_arguments
-
+    try:
+        from soar_env.analysis import add_arguments as add_analyze_arguments
+    except ImportError:  # a checkout without the analysis module
+        return
     analyze = commands.add_parser(
         "analyze", help="question analysis of run dirs: diversity, well-posedness, contamination, style",
         description="Analyse 128 sampled questions per run dir (questions.jsonl, else pq.jsonl) without an LLM judge.")

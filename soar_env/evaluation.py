@@ -1,0 +1,364 @@
+"""The paper's evaluation protocols: PQ, PS, pass@k on the hard test split, bootstrap CIs.
+
+    from soar_env.evaluation import EvalConfig, run_pq, run_ps, bootstrap_ci
+    result = run_pq(env_config, promoted_questions, hard_train, hard_test, EvalConfig(mode="curriculum"), seed=0)
+    print(result.pass_at_k)                          # {1: 0.017, 4: 0.053, ...}
+    mean, low, high = bootstrap_ci([r.pass_at_k[32] for r in results_over_seeds])
+
+- **PQ**: a *fresh* base student is trained with RLOO on the promoted questions plus the hard
+  train split, then tested on the hard test split. ``curriculum`` mode trains
+  ``synthetic_steps`` steps on PQ first, then on hard train (paper, MATH); ``mixed`` mode
+  trains on the shuffled union (paper, HARP / OlympiadBench).
+- **PS**: of the students promoted during meta-training, the one with the best greedy accuracy
+  on hard train is tested on hard test.
+- Testing: ``samples`` (32) sampled solutions per hard-test problem at the student temperature,
+  unbiased pass@k for k = 1, 4, 8, 16, 32 (`soar_env.student.mean_pass_at_k`).
+- Early stop (a setting): every ``eval_every`` steps the greedy accuracy on a held-out slice of
+  hard train is measured; training stops once the least-squares slope of the last
+  ``slope_window`` points is <= ``min_slope`` (the paper: "slope-based", details not stated).
+
+Training is done in chunks of ``eval_every`` steps with `Student.train`, each chunk starting
+from the previous chunk's weights (made the student's baseline); so AdamW and the cosine
+restart at every chunk. That is a simplification of one long run, documented here because
+the paper does not say how its ≤ 1500-step fresh students are scheduled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from soar_env.student import mean_pass_at_k, pass_at_k
+
+DEFAULT_KS = (1, 4, 8, 16, 32)
+MODES = ("curriculum", "mixed")
+
+
+@dataclass
+class EvalConfig:
+    """Settings of the PQ / PS protocols (paper values where the paper gives them)."""
+
+    mode: str = "curriculum"
+    """How PQ and hard train are combined: curriculum (PQ first, then hard train) or mixed (shuffled union)."""
+    synthetic_steps: int = 64
+    """Curriculum mode: RLOO steps on the promoted questions before switching to hard train (paper: 64)."""
+    max_steps: int = 1500
+    """Most RLOO steps of a fresh PQ student (paper: <= 1500)."""
+    batch_size: int | None = None
+    """Problems per RLOO step (None: the env config's batch_size)."""
+    group_size: int | None = None
+    """Samples per problem in an RLOO step (None: the env config's group_size)."""
+    samples: int = 32
+    """Sampled solutions per hard-test problem for pass@k (paper: 32)."""
+    test_size: int | None = None
+    """Hard-test problems used (None: all)."""
+    early_stop: bool = True
+    """Stop a PQ student when its held-out accuracy curve stops rising (slope-based)."""
+    eval_every: int = 50
+    """RLOO steps between two held-out measurements (the chunk length of training)."""
+    slope_window: int = 3
+    """Points of the held-out curve the slope is fitted on."""
+    min_slope: float = 0.0
+    """Stop when the fitted slope (accuracy per step) is <= this."""
+    heldout_size: int = 32
+    """Hard-train problems held out (never trained on) for the early-stop curve, capped at a quarter of
+    hard train; 0 disables the curve."""
+    eval_max_new_tokens: int | None = None
+    """Generation limit when testing (None: the env config's eval limit)."""
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        for name in ("max_steps", "samples", "eval_every", "slope_window"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        if self.synthetic_steps < 0 or self.heldout_size < 0:
+            raise ValueError("synthetic_steps and heldout_size must be >= 0")
+
+    @property
+    def ks(self) -> tuple[int, ...]:
+        return tuple(k for k in DEFAULT_KS if k <= self.samples)
+
+
+@dataclass
+class ProtocolResult:
+    """One protocol run for one seed: pass@k on hard test plus the compute it took."""
+
+    protocol: str
+    """"PQ", "PS" or "base" (the untrained student)."""
+    seed: int
+    pass_at_k: dict[int, float]
+    """Mean unbiased pass@k over the hard-test problems."""
+    correct: list[int]
+    """Correct samples per hard-test problem (out of ``samples``)."""
+    samples: int
+    student_steps: int = 0
+    """RLOO steps of the student trained for this protocol (0 for PS: its steps belong to meta-training)."""
+    tokens: int = 0
+    """Completion tokens sampled for training and testing."""
+    seconds: float = 0.0
+    train_seconds: float = 0.0
+    """Part of ``seconds`` spent in RLOO training (the rest: held-out curve and testing)."""
+    curve: list[tuple[int, float]] = field(default_factory=list)
+    """(steps done, held-out greedy accuracy) points of the early-stop curve."""
+    stopped_early: bool = False
+    selected: int | None = None
+    """PS: index of the chosen promoted student."""
+    selection_accuracy: list[float] = field(default_factory=list)
+    """PS: greedy hard-train accuracy of every promoted student."""
+    note: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["pass_at_k"] = {str(k): v for k, v in self.pass_at_k.items()}
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Statistics
+# ---------------------------------------------------------------------------------------------
+
+
+def bootstrap_ci(values: Sequence[float], *, n_resamples: int = 10000, confidence: float = 0.95,
+                 seed: int = 0) -> tuple[float, float, float]:
+    """(mean, low, high): percentile bootstrap CI of the mean of ``values``.
+
+    One value gives (v, v, v); the interval is degenerate, not "certain".
+    """
+    data = np.asarray(list(values), dtype=float)
+    if data.size == 0:
+        raise ValueError("bootstrap_ci needs at least one value")
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    mean = float(data.mean())
+    if data.size == 1:
+        return mean, mean, mean
+    rng = np.random.default_rng(seed)
+    index = rng.integers(0, data.size, size=(n_resamples, data.size))  # (R, N)
+    means = data[index].mean(axis=1)
+    alpha = (1 - confidence) / 2
+    return mean, float(np.quantile(means, alpha)), float(np.quantile(means, 1 - alpha))
+
+
+def bootstrap_pass_at_k(correct_by_seed: Sequence[Sequence[int]], samples: int, k: int, *,
+                        n_resamples: int = 10000, confidence: float = 0.95,
+                        seed: int = 0) -> tuple[float, float, float]:
+    """(mean, low, high) of pass@k, resampling seeds and problems together (two-level bootstrap).
+
+    ``correct_by_seed[s][p]``: correct samples of problem p for seed s (same problems each seed).
+    """
+    table = np.array([[pass_at_k(samples, c, k) for c in row] for row in correct_by_seed], dtype=float)  # (S, P)
+    if table.size == 0:
+        raise ValueError("bootstrap_pass_at_k needs at least one seed and one problem")
+    n_seeds, n_problems = table.shape
+    mean = float(table.mean())
+    if table.size == 1:
+        return mean, mean, mean
+    rng = np.random.default_rng(seed)
+    seed_index = rng.integers(0, n_seeds, size=(n_resamples, n_seeds))  # (R, S)
+    problem_index = rng.integers(0, n_problems, size=(n_resamples, n_problems))  # (R, P)
+    means = np.empty(n_resamples)
+    for r in range(n_resamples):
+        means[r] = table[np.ix_(seed_index[r], problem_index[r])].mean()
+    alpha = (1 - confidence) / 2
+    return mean, float(np.quantile(means, alpha)), float(np.quantile(means, 1 - alpha))
+
+
+def curve_slope(points: Sequence[tuple[int, float]]) -> float:
+    """Least-squares slope (accuracy per step) of (step, accuracy) points; 0.0 for fewer than 2."""
+    if len(points) < 2:
+        return 0.0
+    x = np.array([p[0] for p in points], dtype=float)
+    y = np.array([p[1] for p in points], dtype=float)
+    if np.ptp(x) == 0:
+        return 0.0
+    return float(np.polyfit(x, y, 1)[0])
+
+
+def should_stop(points: Sequence[tuple[int, float]], window: int, min_slope: float) -> bool:
+    """The slope rule: a full window whose fitted slope is <= ``min_slope``."""
+    # The tolerance keeps a flat curve's round-off slope (~1e-18) from counting as a rise.
+    return len(points) >= max(window, 2) and curve_slope(points[-window:]) <= min_slope + 1e-12
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------
+
+
+def hard_splits(config: Any, *, seed: int = 0) -> tuple[list[Any], list[Any]]:
+    """(hard train, hard test) of an env config's hard set.
+
+    A hard-set file with a ``split`` column gives its splits; a pool without one (the tiny
+    preset's generator) is split 50/50 at random with ``seed``, like the paper's hard sets.
+    """
+    from soar_env.envs.soar_math import load_hard_pool
+
+    pool = load_hard_pool(dataclasses.replace(config, hardset_split="train"))
+    if any("split" in p.meta for p in pool):
+        train = [p for p in pool if p.meta.get("split") == "train"]
+        test_pool = load_hard_pool(dataclasses.replace(config, hardset_split="test"))
+        test = [p for p in test_pool if p.meta.get("split") == "test"]
+        return train, test
+    order = list(range(len(pool)))
+    random.Random(seed).shuffle(order)
+    half = len(pool) // 2
+    return [pool[i] for i in sorted(order[:half])], [pool[i] for i in sorted(order[half:])]
+
+
+# ---------------------------------------------------------------------------------------------
+# Protocols
+# ---------------------------------------------------------------------------------------------
+
+
+def test_pass_at_k(student: Any, hard_test: Sequence[Any], evaluation: EvalConfig, *, seed: int,
+                   state: Any = None, max_new_tokens: int | None = None) -> tuple[dict[int, float], Any]:
+    """pass@k on hard test from ``samples`` sampled solutions per problem; (pass@k, EvalResult)."""
+    problems = list(hard_test)[: evaluation.test_size] if evaluation.test_size else list(hard_test)
+    result = student.evaluate(problems, samples=evaluation.samples, greedy=False, state=state,
+                              max_new_tokens=max_new_tokens, seed=seed)
+    return mean_pass_at_k(result.correct, evaluation.samples, evaluation.ks), result
+
+
+def _eval_tokens(config: Any, evaluation: EvalConfig) -> int | None:
+    if evaluation.eval_max_new_tokens is not None:
+        return evaluation.eval_max_new_tokens
+    return getattr(config, "eval_tokens", None)
+
+
+def run_pq(config: Any, promoted: Sequence[Any], hard_train: Sequence[Any], hard_test: Sequence[Any],
+           evaluation: EvalConfig | None = None, *, seed: int = 0, student: Any = None,
+           student_factory: Callable[[Any], Any] | None = None, protocol: str = "PQ") -> ProtocolResult:
+    """PQ: a fresh base student trained on ``promoted`` + hard train, tested on hard test.
+
+    With ``promoted`` empty this is the paper's Hard-Only baseline (pass ``protocol="Hard-Only"``);
+    with a teacher's sampled problems instead of PQ it is the Base-T / Intrinsic-T / Random rows.
+    ``student`` (an untrained `Student`) or ``student_factory(config)`` supplies the model;
+    default: `soar_env.envs.soar_math.build_student`.
+    """
+    evaluation = evaluation or EvalConfig()
+    start = time.perf_counter()
+    if student is None:
+        if student_factory is None:
+            from soar_env.envs.soar_math import build_student as student_factory
+        student = student_factory(dataclasses.replace(config, seed=seed))
+    rng = random.Random(seed)
+    train_pool = list(hard_train)
+    heldout: list[Any] = []
+    # At most a quarter of hard train is held out, so a small hard set still leaves most of it to train on.
+    heldout_size = min(evaluation.heldout_size, len(train_pool) // 4)
+    if evaluation.early_stop and heldout_size > 0:
+        chosen = set(rng.sample(range(len(train_pool)), heldout_size))
+        heldout = [p for i, p in enumerate(train_pool) if i in chosen]
+        train_pool = [p for i, p in enumerate(train_pool) if i not in chosen]
+    promoted = list(promoted)
+    batch_size = evaluation.batch_size or config.batch_size
+    group_size = evaluation.group_size or config.group_size
+    tokens_eval = _eval_tokens(config, evaluation)
+
+    if evaluation.mode == "curriculum" and promoted:
+        phases = [(promoted, min(evaluation.synthetic_steps, evaluation.max_steps)), (train_pool, evaluation.max_steps)]
+    else:
+        phases = [(promoted + train_pool, evaluation.max_steps)]
+
+    steps_done, tokens, curve, stopped, early, train_seconds = 0, 0, [], False, False, 0.0
+    notes = []
+    for phase, (problems, phase_end) in enumerate(phases):
+        # Early stop judges the last phase only: in curriculum mode a flat curve on the synthetic
+        # problems must not skip the hard-train phase.
+        last_phase, phase_start = phase == len(phases) - 1, len(curve)
+        while steps_done < phase_end and not stopped and problems:
+            chunk = min(evaluation.eval_every, phase_end - steps_done)
+            result = student.train(problems, steps=chunk, batch_size=batch_size, group_size=group_size,
+                                   seed=rng.randrange(2**31))
+            tokens += result.tokens
+            train_seconds += result.seconds
+            if not result.ok:
+                notes.append(f"training stopped at step {steps_done}: {result.error}")
+                stopped = True
+                break
+            student.promote(result.state)  # continue from the trained weights
+            steps_done += result.steps_done
+            if heldout:
+                accuracy = student.evaluate(heldout, greedy=True, max_new_tokens=tokens_eval).accuracy
+                curve.append((steps_done, float(accuracy)))
+                if last_phase and steps_done < evaluation.max_steps and should_stop(
+                        curve[phase_start:], evaluation.slope_window, evaluation.min_slope):
+                    stopped = early = True
+    scores, test = test_pass_at_k(student, hard_test, evaluation, seed=seed, max_new_tokens=tokens_eval)
+    return ProtocolResult(protocol=protocol, seed=seed, pass_at_k=scores, correct=list(test.correct),
+                          samples=evaluation.samples, student_steps=steps_done, tokens=tokens + test.tokens,
+                          seconds=time.perf_counter() - start, train_seconds=train_seconds, curve=curve,
+                          stopped_early=early, note="; ".join(notes))
+
+
+def run_ps(student: Any, promoted_states: Sequence[Any], hard_train: Sequence[Any], hard_test: Sequence[Any],
+           evaluation: EvalConfig | None = None, *, seed: int = 0, config: Any = None) -> ProtocolResult:
+    """PS: the promoted student with the best greedy hard-train accuracy, tested on hard test.
+
+    ``promoted_states``: trainable states captured at each promotion (see `PromotedStudents`).
+    With none, the base student is tested and the result says so in ``note``.
+    """
+    evaluation = evaluation or EvalConfig()
+    start = time.perf_counter()
+    tokens_eval = _eval_tokens(config, evaluation) if config is not None else evaluation.eval_max_new_tokens
+    accuracies: list[float] = []
+    tokens = 0
+    for state in promoted_states:
+        result = student.evaluate(list(hard_train), greedy=True, state=state, max_new_tokens=tokens_eval)
+        accuracies.append(float(result.accuracy))
+        tokens += result.tokens
+    selected = int(np.argmax(accuracies)) if accuracies else None  # first best on ties
+    state = promoted_states[selected] if selected is not None else None
+    scores, test = test_pass_at_k(student, hard_test, evaluation, seed=seed, state=state, max_new_tokens=tokens_eval)
+    return ProtocolResult(protocol="PS", seed=seed, pass_at_k=scores, correct=list(test.correct),
+                          samples=evaluation.samples, tokens=tokens + test.tokens,
+                          seconds=time.perf_counter() - start, selected=selected, selection_accuracy=accuracies,
+                          note="" if promoted_states else "no promotion happened: the base student was tested")
+
+
+def promoted_students_callback() -> Any:
+    """A teacher callback that copies the student's weights at every promotion (for PS).
+
+        recorder = promoted_students_callback()
+        teacher.learn(envs, steps, callback=recorder)
+        run_ps(student, recorder.states, hard_train, hard_test)
+
+    ``recorder.states[i]`` was promoted at teacher step ``recorder.steps[i]``.
+    """
+    from agents.base import BaseCallback, env_core  # lazy: soar_env never imports agents at module level
+
+    class PromotedStudents(BaseCallback):
+        def __init__(self) -> None:
+            super().__init__()
+            self.states: list[Any] = []
+            self.steps: list[int] = []
+
+        def on_step(self, record: Any) -> bool:
+            if record.promoted:
+                self.states.append(env_core(self.env).student.baseline_state())
+                self.steps.append(int(record.step))
+            return True
+
+    return PromotedStudents()
+
+
+__all__ = [
+    "DEFAULT_KS",
+    "EvalConfig",
+    "ProtocolResult",
+    "bootstrap_ci",
+    "bootstrap_pass_at_k",
+    "curve_slope",
+    "hard_splits",
+    "promoted_students_callback",
+    "run_pq",
+    "run_ps",
+    "should_stop",
+    "test_pass_at_k",
+]

@@ -1,0 +1,85 @@
+"""Question analysis metrics on crafted inputs: diversity, duplicates, well-posedness, correctness, contamination."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from soar_env.analysis import (
+    analyze_questions,
+    check_answer,
+    contamination,
+    duplicate_rate,
+    style,
+    vendi_score,
+    vendi_tfidf,
+    well_posed_checks,
+    word_ngrams,
+)
+
+always = lambda answer: True  # noqa: E731 - stands in for Math-Verify where parsing is not under test
+
+DIVERSE = [
+    "What is 17 + 25?",
+    "A train travels 60 miles per hour for 3 hours. How far does it go?",
+    "Solve for x: 3x - 7 = 11.",
+    "How many positive divisors does 360 have?",
+    "Find the area of a circle with radius 4.",
+    "If a shirt costs $20 after a 20% discount, what was the original price?",
+    "Compute the sum of the first 50 odd numbers.",
+    "What is the remainder when 2^10 is divided by 7?",
+]
+
+
+def test_vendi_hand_computed():
+    assert vendi_score(np.ones((4, 4))) == pytest.approx(1.0)
+    assert vendi_score(np.eye(4)) == pytest.approx(4.0)
+    # Two identical items and one orthogonal: eigenvalues of K/3 are 2/3 and 1/3.
+    kernel = np.array([[1, 1, 0], [1, 1, 0], [0, 0, 1]], dtype=float)
+    expected = np.exp(-(2 / 3 * np.log(2 / 3) + 1 / 3 * np.log(1 / 3)))
+    assert vendi_score(kernel) == pytest.approx(expected)
+
+
+def test_duplicated_set_low_diversity_diverse_set_high():
+    duplicated = [DIVERSE[0]] * len(DIVERSE)
+    assert vendi_tfidf(duplicated) == pytest.approx(1.0, abs=1e-6)
+    assert vendi_tfidf(DIVERSE) > 0.6 * len(DIVERSE)
+    assert duplicate_rate(duplicated) == pytest.approx(7 / 8)
+    assert duplicate_rate(DIVERSE) == 0.0
+    assert duplicate_rate(["What is 1+1?", "what is  1+1?"]) == 0.5  # case and spacing do not make it new
+
+
+def test_ill_posed_questions_flagged():
+    good = well_posed_checks("What is 12 × 3?", "36", parse=always)
+    assert all(good.values())
+    assert not well_posed_checks("In the figure above, find the shaded area.", "12", parse=always)["no_missing_figure"]
+    assert not well_posed_checks("Using the table below, find the mean of 3 values.", "4",
+                                 parse=always)["no_missing_figure"]
+    assert not well_posed_checks("What is 2+3? What is 4+5?", "5", parse=always)["one_question"]
+    assert not well_posed_checks("Find the value of x.", "2", parse=always)["numbers_present"]
+    assert not well_posed_checks("What is 2+3?", "five apples", parse=lambda a: False)["answer_parses"]
+    report = analyze_questions([("What is 2+3?", "5"), ("In the diagram, find angle ABC.", "30")],
+                               embedding=False, parse=always)
+    assert report["well_posed_rate"] == 0.5 and len(report["flagged"]) == 1
+
+
+def test_answer_correctness_when_checkable():
+    assert check_answer("What is 97 × 98?", "9506") is True
+    assert check_answer("What is 97 × 98?", "9505") is False
+    assert check_answer("Compute (3 + 4) * 5.", "35") is True
+    assert check_answer("What is 7 / 2?", "3.5") is True
+    assert check_answer("Find x such that 2x = 4.", "2") is None  # not pure arithmetic
+
+
+def test_contamination_detects_copied_hard_problem():
+    hard = ["What is 777 + 768?", "A rectangle has perimeter 40 and length 12. What is its area?"]
+    grams = [word_ngrams(h, 3) for h in hard]
+    assert contamination("A rectangle has perimeter 40 and length 12. What is its area?", grams) == 1.0
+    assert contamination("What is 123 + 456?", grams) < 0.5
+    report = analyze_questions([(hard[1], "96"), ("What is 5 + 6?", "11")], hard=hard, embedding=False, parse=always)
+    assert report["contamination_rate"] == 0.5
+
+
+def test_style():
+    assert style("A farmer has 12 cows and buys 5 more each week for 3 weeks. How many cows does he have then?") == "word"
+    assert style("Solve x^2 - 5x + 6 = 0.") == "equation"
