@@ -251,15 +251,17 @@ def test_two_stage_assembly_closes_the_forced_box():
     assert isinstance(rejection, Rejection) and rejection.reason == "unfinished_answer"
 
 
-def test_numeric_answer_filter_rejects_copied_placeholders():
+def test_numeric_answer_filter_rejects_digit_free_answers():
     sampler = TeacherSampler.__new__(TeacherSampler)
     sampler.config = tiny_config(require_numeric_answer=True)
-    copied = sampler.parse("<question>the problem</question>\n<answer>\\boxed{final answer}</answer>")
-    assert isinstance(copied, Rejection) and copied.reason == "non_numeric_answer"
+    wordy = "<question>What colour is the sky?</question>\n<answer>\\boxed{\\text{blue}}</answer>"
+    assert isinstance(sampler.parse(wordy), Rejection) and sampler.parse(wordy).reason == "non_numeric_answer"
     assert isinstance(sampler.parse("<question>What is 6 x 7?</question><answer>\\boxed{42}</answer>"), Problem)
     sampler.config = tiny_config(require_numeric_answer=False)  # the paper's check alone accepts it
-    assert isinstance(sampler.parse("<question>the problem</question><answer>\\boxed{final answer}</answer>"),
-                      Problem)
+    assert isinstance(sampler.parse(wordy), Problem)
+    # A copied template is rejected by the parser itself, whatever the filter says.
+    copied = sampler.parse("<question>the problem</question><answer>\\boxed{final answer}</answer>")
+    assert isinstance(copied, Rejection) and copied.reason == "placeholder"
 
 
 def test_teacher_presets_follow_the_paper():
