@@ -1,6 +1,8 @@
 """Student RLOO step throughput: soar-gym (LMPolicy + RLOOUpdater) against TRL's RLOOTrainer.
 
-    python benchmarks/throughput.py --model smollm2-135m-instruct --runs 4 [--problems 4 --group-size 8 --max-new-tokens 24 --lora]
+    python benchmarks/throughput.py --model smollm2-135m-instruct --runs 5 --threads 1 [--problems 4 --group-size 8 --max-new-tokens 24 --no-lora]
+
+(``--threads 1`` on shared cores: two torch threads on two busy cores run 10x slower.)
 
 Two measurements, on the same model, the same prompts and the same settings:
 
@@ -14,7 +16,9 @@ Two measurements, on the same model, the same prompts and the same settings:
    (generation with ``model.generate``, old/ref log-prob passes, reward function, loss,
    backward, AdamW) configured to the same batch, group size (``num_generations``), max
    completion length, lr, KL coefficient (``beta``), fp32, no gradient checkpointing, no vLLM,
-   and LoRA through ``peft_config`` when ours uses LoRA.
+   and LoRA through ``peft_config`` when ours uses LoRA (without LoRA, TRL gets the weights
+   as a local folder written by ``LMPolicy.save_pretrained_full``, since it loads its
+   reference model by path; nothing is downloaded).
 
 Runs are interleaved (ours, TRL, TRL, ours, ours, TRL, ...: the order flips every pair) so
 that a change in machine load hits both sides alike; the first ``--warmup`` runs of each side
@@ -26,9 +30,14 @@ loop, which covers generation, scoring, rewards, loss, backward and the optimize
 
 from __future__ import annotations
 
+import os
+
+# Before anything imports huggingface_hub (it reads these once): nothing here may download.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
 import argparse
 import json
-import os
 import platform
 import statistics
 import sys
@@ -240,6 +249,13 @@ def build_trl(args: argparse.Namespace, problems: list[Problem], total_steps: in
     from trl import RLOOTrainer
 
     model, tokenizer = load_model(args.model)
+    if not args.lora:
+        # Without peft, TRL loads its reference model by the model's name, which a GGUF or tiny model does not
+        # have: write the weights to a local folder (our own writer; GGUF models cannot save_pretrained) and hand
+        # TRL that folder, from which it loads both the policy and the reference.
+        folder = os.path.join(output_dir, "model")
+        LMPolicy(model, tokenizer, lora=None).save_pretrained_full(folder)
+        model = folder
     # Same prompt text as LMPolicy.chat_prompt (the template applied here; TRL tokenises the string).
     prompts = []
     for p in problems:
@@ -286,6 +302,7 @@ def build_trl(args: argparse.Namespace, problems: list[Problem], total_steps: in
         disable_tqdm=True,
         seed=args.seed,
         dataloader_num_workers=0,
+        model_init_kwargs=None if args.lora else {"dtype": "float32"},
     )
     peft_config = None
     if args.lora:
@@ -399,12 +416,17 @@ def report_pair(title: str, ours: Side, other: Side) -> dict[str, Any]:
     for side, s in ((ours, a), (other, b)):
         print(f"| {side.name:34} | {fmt(s['seconds']):>14} | {fmt(s['tokens'], 0):>14} | {fmt(s['tokens_per_s'], 1):>14} "
               f"| {fmt(s['load1'], 1):>11} |")
-    print(f"ratio ours/{other.name}: tokens/s x{ratio:.2f}, time per run x{speedup:.2f} faster")
+    # Paired ratios: run i of both sides ran back to back, so the load drift between pairs cancels.
+    paired_rate = [x / y for x, y in zip(ours.rates, other.rates)]
+    paired_time = [y / x for x, y in zip(ours.seconds, other.seconds)]
+    print(f"ratio ours/{other.name}: tokens/s x{ratio:.2f}, time per run x{speedup:.2f} faster (ratio of means); "
+          f"paired per run: tokens/s x{fmt(_mean_std(paired_rate))}, time x{fmt(_mean_std(paired_time))}")
     for side, s in ((ours, a), (other, b)):
         if s["phases_s"]:
             parts = ", ".join(f"{k} {v:.2f}" for k, v in s["phases_s"].items())
             print(f"  {side.name} mean per run: {parts}")
-    return {"ours": a, "other": b, "tokens_per_s_ratio": ratio, "time_speedup": speedup}
+    return {"ours": a, "other": b, "tokens_per_s_ratio": ratio, "time_speedup": speedup,
+            "paired_tokens_per_s_ratio": _mean_std(paired_rate), "paired_time_speedup": _mean_std(paired_time)}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -141,6 +141,24 @@ def test_greedy_is_deterministic_and_independent_of_batching(tiny_policy) -> Non
     assert tiny_policy.sample(prompts, max_new_tokens=10, temperature=0.0).completion_ids == greedy.completion_ids[::3]
 
 
+def test_merged_lora_sampling_matches_unmerged_and_restores_weights() -> None:
+    policy = tiny_policy_with()
+    perturb(policy.trainable_parameters(), seed=9, scale=0.3)
+    base_before = {n: p.clone() for n, p in policy.model.named_parameters() if not p.requires_grad}
+    weights_before = {n: p for n, p in policy.model.named_parameters()}
+    prompts = prompts_for(policy)
+    merged = policy.sample(prompts, num_samples=3, max_new_tokens=10, seed=0)
+    merged_greedy = policy.sample(prompts, max_new_tokens=10, greedy=True)
+    policy.merge_lora_for_sampling = False
+    unmerged = policy.sample(prompts, num_samples=3, max_new_tokens=10, seed=0)
+    unmerged_greedy = policy.sample(prompts, max_new_tokens=10, greedy=True)
+    assert merged.completion_ids == unmerged.completion_ids
+    assert merged_greedy.completion_ids == unmerged_greedy.completion_ids
+    after = dict(policy.model.named_parameters())
+    assert all(after[n] is p for n, p in weights_before.items()), "the original parameter objects are back"
+    assert all(torch.equal(after[n], p) for n, p in base_before.items()), "base weights are bit-identical"
+
+
 def test_sampling_is_not_truncated_to_top_k(tiny_policy) -> None:
     """RL needs samples from the full softmax: tokens outside the top 50 must occur."""
     prompt = prompts_for(tiny_policy)[0]
@@ -320,9 +338,9 @@ def test_save_pretrained_full_reloads_with_the_same_logits(tmp_path, lora) -> No
 @pytest.mark.slow
 def test_embedded_answers_a_question(embedded_policy) -> None:
     prompt = embedded_policy.chat_prompt("What is 2 + 3?")
-    rollout = embedded_policy.sample([prompt], max_new_tokens=24, greedy=True)
+    rollout = embedded_policy.sample([prompt], max_new_tokens=16, greedy=True)
     assert rollout.texts[0].strip()
-    sampled = embedded_policy.sample([prompt], num_samples=2, max_new_tokens=12, seed=0)
+    sampled = embedded_policy.sample([prompt], num_samples=2, max_new_tokens=8, seed=0)
     logprobs, mask = embedded_policy.token_logprobs(sampled.prompt_ids, sampled.completion_ids)
     for i, completion in enumerate(sampled.completion_ids):
         expected = plain_logprobs(embedded_policy.model, sampled.prompt_ids[i], completion)
