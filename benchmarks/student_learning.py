@@ -27,7 +27,6 @@ SmolLM2-135M-Instruct with LoRA (r=16, alpha=32, every linear layer):
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import time
@@ -35,6 +34,7 @@ from typing import Any
 
 import torch
 
+from benchmarks.throughput import finish_run
 from soar_env.data.generators import sample_problems
 from soar_env.models.policy import LMPolicy, LoraSettings, Rollout
 from soar_env.problems import Problem
@@ -283,12 +283,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             results["determinism"] = determinism(args, policy)
     finally:
         shutdown_grading_pool()
-    results["load_end"] = os.getloadavg()
-    print(f"\nload average at end {results['load_end'][0]:.2f} {results['load_end'][1]:.2f} {results['load_end'][2]:.2f}")
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as handle:
-            json.dump(results, handle, indent=2, default=str)
-    return results
+    return finish_run(results, args.json)
 
 
 if __name__ == "__main__":

@@ -455,6 +455,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def finish_run(results: dict[str, Any], json_path: str | None) -> dict[str, Any]:
+    """Record the closing load average (it says how trustworthy the timings are) and save."""
+    results["load_end"] = os.getloadavg()
+    print("\nload average at end " + " ".join(f"{x:.2f}" for x in results["load_end"]))
+    if json_path:
+        with open(json_path, "w", encoding="utf-8") as handle:
+            json.dump(results, handle, indent=2, default=str)
+    return results
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     if args.threads:
@@ -485,12 +495,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                   f"identical prompt tokens: {info['same_prompt_tokens']}")
     finally:
         shutdown_grading_pool()
-    results["load_end"] = os.getloadavg()
-    print(f"\nload average at end {results['load_end'][0]:.2f} {results['load_end'][1]:.2f} {results['load_end'][2]:.2f}")
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as handle:
-            json.dump(results, handle, indent=2, default=str)
-    return results
+    return finish_run(results, args.json)
 
 
 if __name__ == "__main__":

@@ -512,7 +512,36 @@ def _resolve_config(preset: str | EnvConfig | None, config: EnvConfig | None, ov
 # ---------------------------------------------------------------------------------------------
 
 
-class SOARMathEnv(gym.Env[np.ndarray, tuple[Problem, ...]]):
+class CoreStateMixin:
+    """The read-only SOAR state that the single and the vector env both expose from ``self.core``."""
+
+    core: SOARCore
+    _steps: int
+
+    @property
+    def student(self) -> StudentLike:
+        return self.core.student
+
+    @property
+    def promoted_questions(self) -> list[Problem]:
+        """PQ: every batch that led to a promotion this episode, in order."""
+        return list(self.core.promoted_questions)
+
+    @property
+    def promotions(self) -> int:
+        return self.core.promotions
+
+    @property
+    def eval_subset(self) -> list[Problem]:
+        """Q_R: the hard problems the next step is measured on."""
+        return list(self.core.eval_subset)
+
+    @property
+    def step_count(self) -> int:
+        return self._steps
+
+
+class SOARMathEnv(CoreStateMixin, gym.Env[np.ndarray, tuple[Problem, ...]]):
     """
     ## Description
 
@@ -623,30 +652,6 @@ class SOARMathEnv(gym.Env[np.ndarray, tuple[Problem, ...]]):
         self._last_reward = 0.0
         self._baseline_accuracy = 0.0
         self._last_info: dict[str, Any] = {}
-
-    # -- public state ------------------------------------------------------------------------------
-
-    @property
-    def student(self) -> StudentLike:
-        return self.core.student
-
-    @property
-    def promoted_questions(self) -> list[Problem]:
-        """PQ: every batch that led to a promotion this episode, in order."""
-        return list(self.core.promoted_questions)
-
-    @property
-    def promotions(self) -> int:
-        return self.core.promotions
-
-    @property
-    def eval_subset(self) -> list[Problem]:
-        """Q_R: the hard problems the next step is measured on."""
-        return list(self.core.eval_subset)
-
-    @property
-    def step_count(self) -> int:
-        return self._steps
 
     # -- gym API -----------------------------------------------------------------------------------
 

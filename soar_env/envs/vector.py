@@ -23,6 +23,7 @@ from gymnasium.vector.utils import batch_space
 
 from soar_env.config import EnvConfig, make_config
 from soar_env.envs.soar_math import (
+    CoreStateMixin,
     CHECKPOINT_FORMAT,
     DatasetResult,
     SOARCore,
@@ -40,7 +41,7 @@ from soar_env.envs.spaces import ProblemBatch
 from soar_env.problems import Problem
 
 
-class SOARMathVectorEnv(VectorEnv):
+class SOARMathVectorEnv(CoreStateMixin, VectorEnv):
     """
     ## Description
 
@@ -138,27 +139,7 @@ class SOARMathVectorEnv(VectorEnv):
         self._baseline_accuracy = 0.0
         self._needs_reset = True
 
-    # -- public state ------------------------------------------------------------------------------
-
-    @property
-    def student(self) -> StudentLike:
-        return self.core.student
-
-    @property
-    def promoted_questions(self) -> list[Problem]:
-        return list(self.core.promoted_questions)
-
-    @property
-    def promotions(self) -> int:
-        return self.core.promotions
-
-    @property
-    def eval_subset(self) -> list[Problem]:
-        return list(self.core.eval_subset)
-
-    @property
-    def step_count(self) -> int:
-        return self._steps
+    # -- public state: see CoreStateMixin ------------------------------------------------------------
 
     @property
     def np_random(self) -> np.random.Generator:
