@@ -388,16 +388,21 @@ def machine() -> dict[str, Any]:
                 break
     except OSError:
         pass
-    import transformers
-    import trl
+    import importlib.metadata
 
+    import transformers
+
+    try:  # the generation comparison needs no TRL; only the step comparison does
+        trl_version = importlib.metadata.version("trl")
+    except importlib.metadata.PackageNotFoundError:
+        trl_version = "not installed"
     return {
         "cpu": cpu,
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
-        "trl": trl.__version__,
+        "trl": trl_version,
         "python": platform.python_version(),
     }
 

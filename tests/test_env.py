@@ -329,19 +329,22 @@ def test_save_load_round_trip_on_tiny_model(tmp_path):
     env.reset(seed=5)
     env.step(env.action_space.sample())
     assert env.promotions == 1
-    env.save(tmp_path / "tiny.pt")
-    action = env.action_space.sample()
-    expected = env.step(action)
-
-    resumed = SOARMathEnv.restore(tmp_path / "tiny.pt")
     import torch
 
-    for name, tensor in env.student.baseline_state().items():
+    saved_baseline = {name: tensor.clone() for name, tensor in env.student.baseline_state().items()}
+    env.save(tmp_path / "tiny.pt")
+    action = env.action_space.sample()
+    expected = env.step(action)  # promotes again, so the live env's baseline moves on from the saved one
+
+    resumed = SOARMathEnv.restore(tmp_path / "tiny.pt")
+    for name, tensor in saved_baseline.items():
         assert torch.equal(tensor, resumed.student.baseline_state()[name])
     got = resumed.step(action)
     np.testing.assert_array_equal(expected[0], got[0])
     assert expected[1] == got[1] and expected[4]["train_rewards"] == got[4]["train_rewards"]
     assert resumed.promotions == 2
+    for name, tensor in env.student.baseline_state().items():  # both promoted the same trained student
+        assert torch.equal(tensor, resumed.student.baseline_state()[name])
 
 
 def test_load_rejects_foreign_files(tmp_path):
