@@ -20,8 +20,9 @@ REWARD_MODES = ("grounded", "learnability", "variance")
 """``grounded``: accuracy gain on Q_R (SOAR). The other two are the intrinsic proxies the
 paper compares against; they need no inner training."""
 
-BACKENDS = ("local",)
-"""Where student runs execute. ``local``: sequentially in this process (Ray comes later)."""
+BACKENDS = ("local", "ray")
+"""Where student runs execute. ``local``: sequentially in this process; ``ray``: all g x r runs
+of a step at once on Ray actors (extra ``ray``; see ``soar_env.ray_backend``)."""
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -116,7 +117,20 @@ class EnvConfig:
 
     # --- system ---------------------------------------------------------------------------------
     backend: str = "local"
-    """Where student runs execute: "local" (one process, sequential runs)."""
+    """Where student runs execute: "local" (this process, one run after another) or "ray" (Ray workers)."""
+    ray_address: str | None = None
+    """Ray cluster to join: None starts a local one (or uses the one ray.init already started),
+    "auto" or "HOST:PORT" joins an existing cluster."""
+    ray_workers: int | None = None
+    """Ray actors, each holding one student replica (None: one per run of a step, g x r, as many as fit)."""
+    ray_cpus_per_worker: float = 1.0
+    """CPUs Ray reserves for each worker; also its torch thread count."""
+    ray_gpus_per_worker: float | None = None
+    """GPUs Ray reserves for each worker (None: 1 when the cluster has GPUs, else 0)."""
+    ray_max_retries: int = 2
+    """Times a run is resubmitted after its worker died or raised; past that it counts as no gain."""
+    ray_student_factory: str | None = None
+    """"module:function" that builds a worker's student from this config (None: as the env builds its own)."""
     device: str = "auto"
     """Torch device of the student: "auto" (cuda when available, else cpu), "cpu", "cuda", "cuda:1", ..."""
     dtype: str = "float32"
@@ -142,7 +156,16 @@ class EnvConfig:
         if self.reward_mode not in REWARD_MODES:
             raise ValueError(f"reward_mode must be one of {REWARD_MODES}, got {self.reward_mode!r}")
         if self.backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r} (Ray is not available yet)")
+            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.ray_workers is not None and (not isinstance(self.ray_workers, int) or self.ray_workers < 1):
+            raise ValueError(f"ray_workers must be None or an integer >= 1, got {self.ray_workers!r}")
+        if not float(self.ray_cpus_per_worker) >= 0 or (self.ray_gpus_per_worker is not None
+                                                         and not float(self.ray_gpus_per_worker) >= 0):
+            raise ValueError("ray_cpus_per_worker and ray_gpus_per_worker must be >= 0")
+        if not isinstance(self.ray_max_retries, int) or self.ray_max_retries < 0:
+            raise ValueError(f"ray_max_retries must be an integer >= 0, got {self.ray_max_retries!r}")
+        if self.ray_student_factory is not None and ":" not in self.ray_student_factory:
+            raise ValueError(f"ray_student_factory must be 'module:function', got {self.ray_student_factory!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.hardset_split not in ("train", "test"):

@@ -70,7 +70,7 @@ def test_make_config_rejects_unknown_keys_and_bad_values():
     with pytest.raises(ValueError, match="repeats"):
         make_config("tiny", repeats=0)
     with pytest.raises(ValueError, match="backend"):
-        make_config("tiny", backend="ray")
+        make_config("tiny", backend="spark")
 
 
 def test_registration_and_make_paths():

@@ -126,3 +126,22 @@ def test_a_user_teacher_runs_from_the_command_line(tmp_path, monkeypatch, capsys
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
     saved = json.loads((run_dir / "run_config.json").read_text())
     assert saved["train"]["teacher"] == "examples.my_teacher:MyTeacher" and saved["env"]["student_model"] == "tiny"
+
+
+def test_soar_train_on_ray_starts_its_own_cluster(tmp_path):
+    """`--backend ray` in a fresh process: the code itself starts a local Ray and trains on 2 workers."""
+    pytest.importorskip("ray")
+    import os
+    import subprocess
+
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    run_dir = tmp_path / "run"
+    done = subprocess.run(
+        [sys.executable, "-m", "soar_env.cli", "train", "--preset", "tiny", "--steps", "1", "--no-progress",
+         "--threads", "1", "--eval-train-size", "2", "--backend", "ray", "--ray-workers", "2",
+         "--run-dir", str(run_dir)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == 1 and len(summary["reward_trajectory"]) == 1
+    assert "Started a local Ray instance" in done.stderr + done.stdout

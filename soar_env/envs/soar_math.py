@@ -28,6 +28,7 @@ from soar_env.config import EnvConfig, make_config
 from soar_env.envs.spaces import ProblemBatch
 from soar_env.problems import Problem, Rejection, to_problem
 from soar_env.rewards import PromotionTracker, grounded_reward, intrinsic_reward, median_run
+from soar_env.runs import LocalRunner, RunRecord, RunSpec, StudentRunner
 
 CHECKPOINT_FORMAT = "soar-gym-env/1"
 """Tag written into every checkpoint so a future layout change can be detected on load."""
@@ -160,6 +161,9 @@ class DatasetResult:
     train_seconds: float = 0.0
     eval_seconds: float = 0.0
     errors: list[str] = field(default_factory=list)
+    """Why runs failed (non-finite loss, a worker that kept dying); such a run counts as no gain."""
+    retried_runs: int = 0
+    """Runs that needed more than one attempt because their worker failed (Ray backend)."""
 
     def info(self) -> dict[str, Any]:
         return {
@@ -170,6 +174,7 @@ class DatasetResult:
             "success_rates": list(self.success_rates),
             "median_run": -1 if self.median_index is None else int(self.median_index),
             "errors": list(self.errors),
+            "retried_runs": int(self.retried_runs),
         }
 
 
@@ -197,6 +202,7 @@ class SOARCore:
         """0 is the episode-start student; each promotion gets a new id (for the cache)."""
         self._next_state_id = 1
         self._baseline_cache: dict[int, dict[str, int]] = {}
+        self._runner: StudentRunner | None = None
         self.eval_subset: list[Problem] = []
         self.promoted_questions: list[Problem] = []
         self.promotions = 0
@@ -304,65 +310,119 @@ class SOARCore:
                                        f"max_problems={limit} and were not read", "text": ""})
         return problems, rejected
 
-    # -- one dataset -------------------------------------------------------------------------------
+    # -- datasets ----------------------------------------------------------------------------------
+
+    @property
+    def runner(self) -> "StudentRunner":
+        """Where student runs execute: this process, or Ray workers (``backend``)."""
+        if self._runner is None:
+            if self.config.backend == "ray":
+                from soar_env.ray_backend import RayRunner
+
+                self._runner = RayRunner(self.config)
+            else:
+                self._runner = LocalRunner(self.student)
+        return self._runner
 
     def run_dataset(self, problems: Sequence[Problem], rng: np.random.Generator) -> DatasetResult:
         """The reward of one dataset under the configured mode (the student ends at baseline)."""
-        if self.config.reward_mode == "grounded":
-            return self._grounded(problems, rng)
-        return self._intrinsic(problems, rng)
+        return self.run_datasets([problems], rng)[0]
 
-    def _grounded(self, problems: Sequence[Problem], rng: np.random.Generator) -> DatasetResult:
-        config, student = self.config, self.student
-        base_correct, _ = self.baseline_correct()
+    def run_datasets(self, batches: Sequence[Sequence[Problem]], rng: np.random.Generator) -> list[DatasetResult]:
+        """Rewards of several datasets judged against the same baseline and Q_R.
+
+        Seeds are drawn from ``rng`` dataset by dataset, repeat by repeat, before anything
+        runs, so where the runs execute (in order here, or all at once on Ray) cannot change
+        what they compute.
+        """
+        config = self.config
+        grounded = config.reward_mode == "grounded"
+        base_correct = self.baseline_correct()[0] if grounded else []
+        groups: list[list[RunSpec]] = []
+        for problems in batches:
+            if grounded:
+                seeds = [int(rng.integers(2**31 - 1)) for _ in range(config.repeats)]
+                specs = [RunSpec(index=0, problems=tuple(problems), steps=self.inner_steps,
+                                 batch_size=config.batch_size, group_size=config.group_size, seed=seed,
+                                 eval_problems=tuple(self.eval_subset), greedy=config.greedy_eval,
+                                 eval_tokens=config.eval_tokens) for seed in seeds]
+            else:
+                # Intrinsic modes: the baseline samples the teacher's own problems, no training.
+                specs = [RunSpec(index=0, problems=tuple(problems), steps=0, batch_size=config.batch_size,
+                                 group_size=config.group_size, seed=int(rng.integers(2**31 - 1)),
+                                 eval_problems=tuple(problems), eval_samples=config.intrinsic_samples,
+                                 greedy=False, eval_tokens=config.max_new_tokens)]
+            groups.append(specs)
+        numbered = [dataclasses.replace(spec, index=i)
+                    for i, spec in enumerate(spec for specs in groups for spec in specs)]
+        runner = self.runner
+        baseline = self._baseline_tensors if self._baseline_tensors is not None else self.student.baseline_state()
+        if runner.parallel:
+            records = runner.run(numbered, baseline_id=self.state_id, baseline=baseline)
+        else:
+            records = []  # dataset by dataset, so at most r trained states are alive at once
+        results: list[DatasetResult] = []
+        best = -1
+        offset = 0
+        for specs in groups:
+            mine = numbered[offset:offset + len(specs)]
+            runs = (records[offset:offset + len(specs)] if runner.parallel
+                    else runner.run(mine, baseline_id=self.state_id, baseline=baseline))
+            offset += len(specs)
+            result = self._grounded_result(runs, base_correct) if grounded else self._intrinsic_result(runs[0])
+            # Promotion can only take the best dataset's (first argmax) median student, and g
+            # full-weight states may not fit in memory: every other trained state is dropped now.
+            if best < 0 or result.reward > results[best].reward:
+                if best >= 0:
+                    results[best].median_state = None
+                best = len(results)
+            else:
+                result.median_state = None
+            results.append(result)
+        return results
+
+    def _grounded_result(self, runs: Sequence[RunRecord], base_correct: list[int]) -> DatasetResult:
         base_acc = float(np.mean(base_correct)) if base_correct else 0.0
         result = DatasetResult(reward=0.0)
-        states: list[Any] = []
-        for _ in range(config.repeats):
-            # One seed per run from the env's generator: runs differ, same env seed repeats them.
-            seed = int(rng.integers(2**31 - 1))
-            t0 = time.perf_counter()
-            trained = student.train(problems, steps=self.inner_steps, batch_size=config.batch_size,
-                                    group_size=config.group_size, seed=seed)
-            t1 = time.perf_counter()
-            result.train_seconds += t1 - t0
-            result.tokens += int(getattr(trained, "tokens", 0) or 0)
-            result.train_rewards.append([float(r) for r in getattr(trained, "rewards", [])])
-            state = getattr(trained, "state", None)
-            if getattr(trained, "error", None):
-                result.errors.append(str(trained.error))
-            if state is None or (config.greedy_eval and _same_state(state, self._baseline_tensors)):
-                # Untrained (failed run) or unchanged weights (every update skipped): greedy
-                # answers are the baseline's, so its cached evaluation is exact and free.
-                correct = list(base_correct)
-                state = None
-            else:
-                evaluation = student.evaluate(self.eval_subset, greedy=config.greedy_eval, state=state,
-                                              max_new_tokens=config.eval_tokens, seed=seed)
-                correct = [int(c) for c in evaluation.correct]
-                result.tokens += int(getattr(evaluation, "tokens", 0) or 0)
-            result.eval_seconds += time.perf_counter() - t1
+        for run in runs:
+            # A run left at the baseline's weights (or failed) answers exactly as the baseline did.
+            correct = list(base_correct) if run.correct is None else list(run.correct)
             accuracy = float(np.mean(correct)) if correct else 0.0
             result.trained_correct.append(correct)
             result.trained_accuracy.append(accuracy)
             result.run_rewards.append(accuracy - base_acc)
-            states.append(state)
+            result.train_rewards.append(list(run.train_rewards))
+            result.tokens += run.tokens
+            result.train_seconds += run.train_seconds
+            result.eval_seconds += run.eval_seconds
+            if run.error:
+                result.errors.append(run.error)
+            if run.attempts > 1:
+                result.retried_runs += 1
         result.reward = grounded_reward(result.trained_accuracy, base_acc)
         result.median_index = median_run(result.run_rewards)
-        result.median_state = states[result.median_index]
+        result.median_state = runs[result.median_index].state
         return result
 
-    def _intrinsic(self, problems: Sequence[Problem], rng: np.random.Generator) -> DatasetResult:
-        config = self.config
-        samples = config.intrinsic_samples
-        t0 = time.perf_counter()
-        evaluation = self.student.evaluate(list(problems), samples=samples, greedy=False,
-                                           max_new_tokens=config.max_new_tokens,
-                                           seed=int(rng.integers(2**31 - 1)))
-        rates = [int(c) / samples for c in evaluation.correct]
-        return DatasetResult(reward=intrinsic_reward(config.reward_mode, rates), success_rates=rates,
-                             tokens=int(getattr(evaluation, "tokens", 0) or 0),
-                             eval_seconds=time.perf_counter() - t0)
+    def _intrinsic_result(self, run: RunRecord) -> DatasetResult:
+        samples = self.config.intrinsic_samples
+        rates = [int(c) / samples for c in (run.correct or [])]
+        result = DatasetResult(reward=intrinsic_reward(self.config.reward_mode, rates) if rates else 0.0,
+                               success_rates=rates, tokens=run.tokens, eval_seconds=run.eval_seconds,
+                               retried_runs=int(run.attempts > 1))
+        if run.error:
+            result.errors.append(run.error)
+        return result
+
+    def backend_events(self) -> list[dict[str, Any]]:
+        """Worker failures of the last step (Ray backend): what failed, and whether it was retried."""
+        return self._runner.events() if self._runner is not None else []
+
+    def close(self) -> None:
+        """Stop the runner's workers (Ray actors); a later run starts new ones."""
+        if self._runner is not None:
+            self._runner.close()
+            self._runner = None
 
     # -- promotion ---------------------------------------------------------------------------------
 
@@ -377,6 +437,8 @@ class SOARCore:
         but the promotion is still counted and the questions still join PQ, since the rule
         (window average over tau) fired on them.
         """
+        if state is not None and hasattr(state, "fetch"):
+            state = state.fetch()  # a RemoteState: the chosen run's weights still sit on its worker
         if state is not None:
             self.student.promote(state)
             self._baseline_tensors = state
@@ -419,27 +481,6 @@ class SOARCore:
         self.eval_subset = [Problem.from_dict(row) for row in state["eval_subset"]]
         self._baseline_cache = {int(k): {str(i): int(c) for i, c in v.items()}
                                 for k, v in state["baseline_cache"].items()}
-
-
-def _same_state(a: Any, b: Any) -> bool:
-    """True when two trainable-state dicts hold identical tensors (False when unsure)."""
-    if a is b:
-        return True
-    try:
-        import torch
-
-        if not isinstance(a, Mapping) or not isinstance(b, Mapping) or a.keys() != b.keys():
-            return False
-        for key, value in a.items():
-            other = b[key]
-            if isinstance(value, torch.Tensor):
-                if not isinstance(other, torch.Tensor) or not torch.equal(value, other):
-                    return False
-            elif value != other:
-                return False
-        return True
-    except Exception:  # noqa: BLE001 - an exotic state just gets evaluated
-        return False
 
 
 def _snippet(value: Any, limit: int = 200) -> str:
@@ -706,7 +747,8 @@ class SOARMathEnv(CoreStateMixin, gym.Env[np.ndarray, tuple[Problem, ...]]):
             train_s, eval_s = result.train_seconds, result.eval_seconds
         self._last_reward = reward
         info.update(reward=reward, promoted=promoted, promotions=self.core.promotions,
-                    reward_average=self.core.tracker.moving_average, promoted_count=len(self.core.promoted_questions))
+                    reward_average=self.core.tracker.moving_average, promoted_count=len(self.core.promoted_questions),
+                    backend_events=self.core.backend_events())
         # Q_R of the next step, and the baseline accuracy the next observation reports.
         if self.config.resample_eval_subset:
             self.core.draw_eval_subset(self.np_random)
@@ -727,6 +769,7 @@ class SOARMathEnv(CoreStateMixin, gym.Env[np.ndarray, tuple[Problem, ...]]):
 
     def close(self) -> None:
         # Drop the model so a closed env frees its memory; a later reset would rebuild it.
+        self.core.close()
         self.core._student = None
         self.core._initial_state = None
         self.core._baseline_tensors = None

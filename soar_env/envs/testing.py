@@ -119,3 +119,39 @@ class ScriptedStudent:
     def baseline_evaluations(self) -> int:
         """How many problems were evaluated for the baseline (cache misses)."""
         return sum(len(call["problems"]) for call in self.eval_calls if call["baseline"])
+
+
+CRASH_DIR_VARIABLE = "SOAR_TEST_CRASH_DIR"
+"""Folder that `crashing_student` counts its crashes in (one file per crash)."""
+CRASH_COUNT_VARIABLE = "SOAR_TEST_CRASH_COUNT"
+"""How many training runs, over all processes, `crashing_student` kills (default 1)."""
+
+
+def crashing_student(config: Any) -> Any:
+    """The config's real student, whose process dies at the start of its first few ``train`` calls.
+
+    A fault injector for the Ray backend (``ray_student_factory=
+    "soar_env.envs.testing:crashing_student"``): a run claims a crash by creating the next
+    numbered file in ``$SOAR_TEST_CRASH_DIR`` (exclusive create, so it is exact across worker
+    processes) and then exits its process the way a killed worker does, mid-step.
+    """
+    import os
+
+    from soar_env.envs.soar_math import build_student
+
+    student = build_student(config)
+    train = student.train
+    folder = os.environ[CRASH_DIR_VARIABLE]
+    budget = int(os.environ.get(CRASH_COUNT_VARIABLE, "1"))
+
+    def train_or_die(*args: Any, **kwargs: Any) -> Any:
+        for number in range(budget):
+            try:
+                os.close(os.open(os.path.join(folder, f"crash-{number}"), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            except FileExistsError:
+                continue
+            os._exit(17)  # no cleanup, no exception: as SIGKILL or an OOM kill leaves it
+        return train(*args, **kwargs)
+
+    student.train = train_or_die
+    return student

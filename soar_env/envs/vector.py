@@ -50,7 +50,8 @@ class SOARMathVectorEnv(CoreStateMixin, VectorEnv):
     evaluation is done once per step (and cached per student state across steps). The mean
     of the g rewards enters the promotion window; when its average exceeds tau, the best
     dataset k* = argmax R_k is promoted: the median of its r runs becomes the baseline and
-    X_k* joins PQ. Student runs are sequential in this process (``backend="local"``).
+    X_k* joins PQ. Student runs are sequential in this process (``backend="local"``), or all
+    g x r at once on Ray workers (``backend="ray"``, see `soar_env.ray_backend`).
 
     ## Action Space
 
@@ -188,32 +189,34 @@ class SOARMathVectorEnv(CoreStateMixin, VectorEnv):
         self._steps += 1
         rewards = np.zeros(self.num_envs, dtype=np.float64)
         per_env: list[dict[str, Any]] = []
-        valid_k: list[int] = []
         best_k, best_state, best_problems = -1, None, None
         train_s = eval_s = 0.0
         base_acc = self._baseline_accuracy
         inner_steps = self.core.inner_steps
         eval_problems = tuple(self.core.eval_subset)
-        for k, batch in enumerate(batches):
-            problems, rejected = self.core.validate(batch)
+        checked = [self.core.validate(batch) for batch in batches]
+        valid_k = [k for k, (problems, _) in enumerate(checked) if problems]
+        # All valid datasets go to the runner together, so a parallel backend runs g x r at once.
+        results = dict(zip(valid_k, self.core.run_datasets([checked[k][0] for k in valid_k], self.np_random)))
+        for k, (problems, rejected) in enumerate(checked):
             info: dict[str, Any] = {"num_valid": len(problems), "num_rejected": len(rejected),
                                     "rejected": rejected, "problems": tuple(problems)}
-            if not problems:
+            if k not in results:
                 rewards[k] = float(self.config.invalid_penalty)
                 info.update(invalid_action=True, reason=_invalid_reason(rejected), tokens=0,
                             **_flat(DatasetResult(reward=rewards[k])))
             else:
-                result = self.core.run_dataset(problems, self.np_random)
+                result = results[k]
                 rewards[k] = float(result.reward)
-                valid_k.append(k)
                 train_s += result.train_seconds
                 eval_s += result.eval_seconds
-                # Keep only the best dataset's median student: g full-weight states would not fit.
                 if best_k < 0 or rewards[k] > rewards[best_k]:
                     best_k, best_state, best_problems = k, result.median_state, problems
                 info.update(invalid_action=False, reason=None, tokens=int(result.tokens), **_flat(result))
             info["reward"] = float(rewards[k])
             per_env.append(info)
+        # Only the best dataset's median student can be promoted; the other trained states go now.
+        results.clear()
 
         promoted_k = -1
         if valid_k and self.core.can_promote:
@@ -232,7 +235,7 @@ class SOARMathVectorEnv(CoreStateMixin, VectorEnv):
                   "next_baseline_accuracy": self._baseline_accuracy, "inner_steps": inner_steps,
                   "eval_problems": eval_problems,
                   "promotions": self.core.promotions, "reward_average": self.core.tracker.moving_average,
-                  "promoted_count": len(self.core.promoted_questions)}
+                  "promoted_count": len(self.core.promoted_questions), "backend_events": self.core.backend_events()}
         for k, info in enumerate(per_env):
             self._add_info(infos, {**shared, **info, "promoted": k == promoted_k}, k)
         infos["promoted_dataset"] = promoted_k
@@ -244,6 +247,7 @@ class SOARMathVectorEnv(CoreStateMixin, VectorEnv):
         return self._observations(), rewards, terminations, truncations, infos
 
     def close_extras(self, **kwargs: Any) -> None:
+        self.core.close()
         self.core._student = None
         self.core._initial_state = None
         self.core._baseline_tensors = None

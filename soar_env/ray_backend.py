@@ -1,0 +1,255 @@
+"""Student runs on Ray (``backend="ray"``): the g x r runs of a teacher step on a cluster.
+
+    envs = gym.make_vec("SOAR-MATH-v0", num_envs=4, preset="paper", backend="ray", ray_address="auto")
+
+Each worker is a Ray actor holding one student replica, built once from the env's config
+(pinned to a GPU when the cluster has GPUs). A step sends every worker the baseline weights
+(once per baseline, through the object store) and a stream of `RunSpec`s; each run comes back
+as a `RunRecord` without its trained weights, which stay on the worker until the env asks
+for the one run it promotes. The baseline, Q_R, the baseline's cached evaluation, the
+promotion rule and PQ stay in the env's process, and every seed is drawn there before the
+runs start, so a step computes what ``backend="local"`` computes for the same seed.
+
+Faults: a run whose worker dies (or raises) is resubmitted, up to ``ray_max_retries`` times,
+and every failure is recorded in the dataset's ``info["backend_events"]``. A run that still
+fails is reported in ``info["errors"]`` and counts as a run that learned nothing (gain 0),
+the same rule as a local run stopped by a non-finite loss; it is never left out of the mean.
+"""
+
+from __future__ import annotations
+
+import collections
+import importlib
+import os
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from soar_env.config import EnvConfig
+from soar_env.runs import RunRecord, RunSpec, execute_run
+
+RESTART_POLL_SECONDS = 0.5
+"""Pause between pings of a worker that Ray is restarting."""
+
+FORWARDED_ENV_PREFIXES = ("SOAR_", "HF_", "TRANSFORMERS_", "TOKENIZERS_")
+"""Environment variables a worker inherits from the driver: offline mode and our own switches."""
+
+
+def require_ray() -> Any:
+    try:
+        import ray
+    except ImportError:
+        raise ImportError("backend='ray' needs Ray: pip install 'soar-gym[ray]'") from None
+    return ray
+
+
+def load_student_factory(spec: str | None) -> Callable[[EnvConfig], Any]:
+    """``"module:function"`` -> the callable; None -> the env's own student builder."""
+    if spec is None:
+        from soar_env.envs.soar_math import build_student
+
+        return build_student
+    module_name, _, attribute = spec.partition(":")
+    if not module_name or not attribute:
+        raise ValueError(f"ray_student_factory must be 'module:function', got {spec!r}")
+    return getattr(importlib.import_module(module_name), attribute)
+
+
+class StudentWorker:
+    """A Ray actor: one student replica that executes run specs against a baseline it caches."""
+
+    def __init__(self, config: EnvConfig, threads: int) -> None:
+        import torch
+
+        torch.set_num_threads(max(1, threads))
+        self.student = load_student_factory(config.ray_student_factory)(config)
+        self.baseline_id: int | None = None
+        self.baseline: Any = None
+        self.step = -1
+        self.states: dict[int, Any] = {}
+        """Trained weights of this step's runs, by run index, until the env picks one."""
+
+    def run(self, spec: RunSpec, baseline_id: int, baseline_box: list[Any], step: int) -> RunRecord:
+        import ray
+
+        if step != self.step:
+            self.step, self.states = step, {}
+        if baseline_id != self.baseline_id:
+            # The list keeps Ray from resolving the ref for calls that already hold this baseline.
+            baseline = ray.get(baseline_box[0])
+            self.student.promote(baseline)
+            self.baseline, self.baseline_id = baseline, baseline_id
+        record = execute_run(self.student, spec, self.baseline)
+        if record.state is not None:
+            self.states[spec.index] = record.state
+            record.state = True  # "kept here": the driver wraps it in a RemoteState
+        record.worker = f"pid {os.getpid()}"
+        return record
+
+    def fetch(self, step: int, index: int) -> Any:
+        """The trained weights of run ``index`` of ``step``; None if this worker no longer has them."""
+        return self.states.get(index) if step == self.step else None
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+class RemoteState:
+    """The weights of one run that are still on its worker; `SOARCore.promote` calls ``fetch``."""
+
+    def __init__(self, runner: "RayRunner", spec: RunSpec, worker: int, step: int) -> None:
+        self.runner, self.spec, self.worker, self.step = runner, spec, worker, step
+
+    def fetch(self) -> Any:
+        return self.runner.fetch_state(self)
+
+
+class RayRunner:
+    """Spreads run specs over Ray actors; ``parallel``: the env hands it a whole step at once."""
+
+    parallel = True
+
+    def __init__(self, config: EnvConfig) -> None:
+        ray = require_ray()
+        self.config = config
+        self.ray = ray
+        forwarded = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIXES)}
+        if not ray.is_initialized():
+            # address None starts a one-machine cluster here; "auto" or "host:port" joins one.
+            ray.init(address=config.ray_address, include_dashboard=False, log_to_driver=True)
+        resources = ray.cluster_resources()
+        gpus = config.ray_gpus_per_worker
+        if gpus is None:
+            gpus = 1.0 if resources.get("GPU", 0) > 0 else 0.0
+        cpus = float(config.ray_cpus_per_worker)
+        workers = config.ray_workers
+        if workers is None:
+            # One replica per run of a step, as many as the cluster can hold at once.
+            runs = config.num_datasets * config.repeats
+            fit = int(resources.get("CPU", 1) // cpus) if cpus > 0 else runs
+            if gpus > 0:
+                fit = min(fit, int(resources.get("GPU", 0) // gpus))
+            workers = max(1, min(runs, fit))
+        actor = ray.remote(StudentWorker).options(
+            num_cpus=cpus, num_gpus=gpus,
+            max_restarts=-1,  # a dead worker comes back with a fresh replica; retries below stay bounded
+            max_task_retries=0,  # we retry ourselves, so every failure is seen and recorded
+            runtime_env={"env_vars": forwarded} if forwarded else None,
+        )
+        self._actor, self._threads = actor, max(1, int(cpus))
+        self.workers = [actor.remote(config, self._threads) for _ in range(workers)]
+        self._recovering: dict[int, Any] = {}
+        """Workers that died and are restarting, with the ping that tells when they are back."""
+        self._baseline_id: int | None = None
+        self._baseline_ref: Any = None
+        self._step = 0
+        self._events: list[dict[str, Any]] = []
+
+    # -- a step ----------------------------------------------------------------------------------
+
+    def run(self, specs: Sequence[RunSpec], *, baseline_id: int, baseline: Any) -> list[RunRecord]:
+        ray = self.ray
+        if baseline_id != self._baseline_id or self._baseline_ref is None:
+            self._baseline_ref = ray.put(baseline)
+            self._baseline_id = baseline_id
+        self._step += 1
+        self._events = []
+        records: dict[int, RunRecord] = {}
+        attempts: collections.Counter[int] = collections.Counter()
+        pending = collections.deque(specs)
+        idle = [w for w in range(len(self.workers)) if w not in self._recovering]
+        runs: dict[Any, tuple[RunSpec, int]] = {}
+        while pending or runs:
+            while pending and idle:
+                spec, worker = pending.popleft(), idle.pop(0)
+                attempts[spec.index] += 1
+                ref = self.workers[worker].run.remote(spec, baseline_id, [self._baseline_ref], self._step)
+                runs[ref] = (spec, worker)
+            (ref,), _ = ray.wait([*runs, *self._recovering.values()], num_returns=1)
+            if ref not in runs:
+                worker = next(w for w, ping in self._recovering.items() if ping == ref)
+                if self._answered(worker, ref):
+                    idle.append(worker)
+                continue
+            spec, worker = runs.pop(ref)
+            try:
+                record = ray.get(ref)
+            except ray.exceptions.RayError as exc:
+                failure = _describe(exc)
+                retry = attempts[spec.index] <= self.config.ray_max_retries
+                self._events.append({"run": spec.index, "attempt": attempts[spec.index], "worker": worker,
+                                     "error": failure, "action": "retried" if retry else "gave up"})
+                # The worker restarts with a fresh replica; it gets work again once it answers.
+                self._recovering[worker] = self.workers[worker].pid.remote()
+                if retry:
+                    pending.appendleft(spec)
+                else:
+                    records[spec.index] = RunRecord(
+                        index=spec.index, attempts=attempts[spec.index], worker=f"ray worker {worker}",
+                        error=f"ray: run {spec.index} failed {attempts[spec.index]} times, last: {failure}")
+                continue
+            idle.append(worker)
+            record.attempts = attempts[spec.index]
+            if record.state is True:
+                record.state = RemoteState(self, spec, worker, self._step)
+            records[spec.index] = record
+        return [records[spec.index] for spec in specs]
+
+    def _answered(self, worker: int, ping: Any) -> bool:
+        """Whether a restarting worker answered its ping; if not, ping it again (or replace it)."""
+        ray = self.ray
+        try:
+            ray.get(ping)
+        except ray.exceptions.ActorUnavailableError:  # still restarting
+            time.sleep(RESTART_POLL_SECONDS)
+            self._recovering[worker] = self.workers[worker].pid.remote()
+            return False
+        except ray.exceptions.RayError:  # gone for good (its node left): a new replica takes the slot
+            self.workers[worker] = self._actor.remote(self.config, self._threads)
+            self._recovering[worker] = self.workers[worker].pid.remote()
+            return False
+        del self._recovering[worker]
+        return True
+
+    def fetch_state(self, remote: RemoteState) -> Any:
+        """The weights of one run; if its worker died since, the run is redone (it is deterministic)."""
+        ray = self.ray
+        if remote.step != self._step:
+            raise RuntimeError("a RemoteState can only be fetched during the step that produced it")
+        for attempt in range(1, self.config.ray_max_retries + 2):
+            worker = remote.worker if attempt == 1 else (remote.worker + attempt - 1) % len(self.workers)
+            try:
+                state = ray.get(self.workers[worker].fetch.remote(remote.step, remote.spec.index))
+                if state is None:  # the worker restarted and lost it: train that run again there
+                    ray.get(self.workers[worker].run.remote(
+                        remote.spec, self._baseline_id, [self._baseline_ref], remote.step))
+                    state = ray.get(self.workers[worker].fetch.remote(remote.step, remote.spec.index))
+                    self._events.append({"run": remote.spec.index, "attempt": attempt, "worker": worker,
+                                         "error": "trained weights lost with their worker", "action": "re-ran"})
+                if state is not None:
+                    return state
+            except ray.exceptions.RayError as exc:
+                self._events.append({"run": remote.spec.index, "attempt": attempt, "worker": worker,
+                                     "error": _describe(exc), "action": "fetch retried"})
+        raise RuntimeError(f"could not fetch the weights of run {remote.spec.index} to promote them "
+                           f"after {self.config.ray_max_retries + 1} attempts")
+
+    def events(self) -> list[dict[str, Any]]:
+        """Worker failures of the last ``run`` call (and of fetches since)."""
+        return list(self._events)
+
+    def worker_pids(self) -> list[int]:
+        return [self.ray.get(w.pid.remote()) for w in self.workers]
+
+    def close(self) -> None:
+        for worker in self.workers:
+            self.ray.kill(worker)
+        self.workers = []
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
+
+
+__all__ = ["RayRunner", "RemoteState", "StudentWorker", "load_student_factory", "require_ray"]

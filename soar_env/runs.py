@@ -1,0 +1,149 @@
+"""One student run, the unit of work of a SOAR step, and the in-process runner that executes it.
+
+    specs = [RunSpec(index=i, problems=batch, steps=10, ..., seed=s) for i, s in enumerate(seeds)]
+    records = LocalRunner(student).run(specs, baseline_id=0, baseline=student.baseline_state())
+
+A teacher step is g datasets x r repeats of "train a copy of the baseline on a batch, then
+measure it on Q_R". Every such run is independent given the baseline weights and its seed, so
+a run is described by a plain `RunSpec` and answered by a plain `RunRecord`. That is what lets
+the same step execute sequentially here (`LocalRunner`) or spread over a cluster
+(`soar_env.ray_backend.RayRunner`) with identical results for identical seeds.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from soar_env.problems import Problem
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """Train a copy of the baseline on ``problems`` for ``steps``, then evaluate it on ``eval_problems``.
+
+    ``steps=0`` evaluates the baseline itself: the intrinsic reward modes sample the student
+    on the teacher's own problems without training it.
+    """
+
+    index: int
+    """Position of the run in its step (dataset-major: dataset k, repeat j is k * r + j)."""
+    problems: tuple[Problem, ...]
+    steps: int
+    batch_size: int
+    group_size: int
+    seed: int
+    """Seeds the inner run's problem order and sampling, and a sampled evaluation."""
+    eval_problems: tuple[Problem, ...]
+    eval_samples: int = 1
+    greedy: bool = True
+    eval_tokens: int = 1024
+
+
+@dataclass
+class RunRecord:
+    """What one run did. ``correct is None`` means "exactly the baseline's answers" (see `execute_run`)."""
+
+    index: int
+    train_rewards: list[float] = field(default_factory=list)
+    """Mean training reward at each inner step."""
+    correct: list[int] | None = None
+    """Correct samples per evaluation problem; None when the run left the weights unchanged or failed."""
+    tokens: int = 0
+    train_seconds: float = 0.0
+    eval_seconds: float = 0.0
+    error: str | None = None
+    """Why the run produced no trained student (non-finite loss, a worker that kept dying, ...)."""
+    state: Any = None
+    """The trained weights (None: unchanged or failed). A remote runner leaves a `RemoteState` here."""
+    attempts: int = 1
+    """Executions this record took (more than 1 after a worker failure was retried)."""
+    worker: str = "local"
+
+
+class StudentRunner(Protocol):
+    """Executes run specs against a baseline; ``parallel`` runners get a whole step at once."""
+
+    parallel: bool
+
+    def run(self, specs: Sequence[RunSpec], *, baseline_id: int, baseline: Any) -> list[RunRecord]: ...
+
+    def events(self) -> list[dict[str, Any]]: ...
+
+    def close(self) -> None: ...
+
+
+def same_state(a: Any, b: Any) -> bool:
+    """True when two trainable-state dicts hold identical tensors (False when unsure)."""
+    if a is b:
+        return True
+    try:
+        import torch
+
+        if not isinstance(a, Mapping) or not isinstance(b, Mapping) or a.keys() != b.keys():
+            return False
+        for key, value in a.items():
+            other = b[key]
+            if isinstance(value, torch.Tensor):
+                if not isinstance(other, torch.Tensor) or not torch.equal(value, other):
+                    return False
+            elif value != other:
+                return False
+        return True
+    except Exception:  # noqa: BLE001 - an exotic state just gets evaluated
+        return False
+
+
+def execute_run(student: Any, spec: RunSpec, baseline: Any) -> RunRecord:
+    """Run ``spec`` on ``student``, whose policy holds ``baseline``; the student ends at baseline.
+
+    A failed run (no state) or one whose every update was skipped (state equal to the baseline)
+    is not evaluated under greedy decoding: its answers are the baseline's, which the caller has
+    cached, so ``correct`` stays None and the evaluation costs nothing.
+    """
+    record = RunRecord(index=spec.index)
+    state = None
+    t0 = time.perf_counter()
+    if spec.steps > 0:
+        trained = student.train(list(spec.problems), steps=spec.steps, batch_size=spec.batch_size,
+                                group_size=spec.group_size, seed=spec.seed)
+        record.tokens += int(getattr(trained, "tokens", 0) or 0)
+        record.train_rewards = [float(r) for r in getattr(trained, "rewards", [])]
+        state = getattr(trained, "state", None)
+        if getattr(trained, "error", None):
+            record.error = str(trained.error)
+        if state is None or (spec.greedy and same_state(state, baseline)):
+            record.train_seconds = time.perf_counter() - t0
+            return record
+    t1 = time.perf_counter()
+    record.train_seconds = t1 - t0
+    evaluation = student.evaluate(list(spec.eval_problems), samples=spec.eval_samples, greedy=spec.greedy,
+                                  state=state, max_new_tokens=spec.eval_tokens, seed=spec.seed)
+    record.correct = [int(c) for c in evaluation.correct]
+    record.tokens += int(getattr(evaluation, "tokens", 0) or 0)
+    record.eval_seconds = time.perf_counter() - t1
+    record.state = state
+    return record
+
+
+class LocalRunner:
+    """Runs specs one after another on the env's own student (``backend="local"``)."""
+
+    parallel = False
+
+    def __init__(self, student: Any) -> None:
+        self.student = student
+
+    def run(self, specs: Sequence[RunSpec], *, baseline_id: int, baseline: Any) -> list[RunRecord]:
+        return [execute_run(self.student, spec, baseline) for spec in specs]
+
+    def events(self) -> list[dict[str, Any]]:
+        return []
+
+    def close(self) -> None:
+        pass
+
+
+__all__ = ["LocalRunner", "RunRecord", "RunSpec", "StudentRunner", "execute_run", "same_state"]
