@@ -76,9 +76,9 @@ class StudentWorker:
             self.step, self.states = step, {}
         if baseline_id != self.baseline_id:
             # The list keeps Ray from resolving the ref for calls that already hold this baseline.
-            baseline = ray.get(baseline_box[0])
-            self.student.promote(baseline)
-            self.baseline, self.baseline_id = baseline, baseline_id
+            self.student.promote(ray.get(baseline_box[0]))
+            # Read back from the student, so it sits on the worker's device like the trained states.
+            self.baseline, self.baseline_id = self.student.baseline_state(), baseline_id
         record = execute_run(self.student, spec, self.baseline)
         if record.state is not None:
             self.states[spec.index] = record.state
@@ -88,7 +88,7 @@ class StudentWorker:
 
     def fetch(self, step: int, index: int) -> Any:
         """The trained weights of run ``index`` of ``step``; None if this worker no longer has them."""
-        return self.states.get(index) if step == self.step else None
+        return _to_cpu(self.states.get(index)) if step == self.step else None
 
     def pid(self) -> int:
         return os.getpid()
@@ -150,7 +150,7 @@ class RayRunner:
     def run(self, specs: Sequence[RunSpec], *, baseline_id: int, baseline: Any) -> list[RunRecord]:
         ray = self.ray
         if baseline_id != self._baseline_id or self._baseline_ref is None:
-            self._baseline_ref = ray.put(baseline)
+            self._baseline_ref = ray.put(_to_cpu(baseline))
             self._baseline_id = baseline_id
         self._step += 1
         self._events = []
@@ -245,6 +245,13 @@ class RayRunner:
         for worker in self.workers:
             self.ray.kill(worker)
         self.workers = []
+
+
+def _to_cpu(state: Any) -> Any:
+    """Tensors of a state dict on the CPU: what crosses between processes must not name a GPU."""
+    if not isinstance(state, dict):
+        return state
+    return {k: v.detach().cpu() if hasattr(v, "detach") else v for k, v in state.items()}
 
 
 def _describe(exc: BaseException) -> str:

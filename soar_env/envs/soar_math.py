@@ -16,7 +16,7 @@ import os
 import tempfile
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -335,40 +335,23 @@ class SOARCore:
         runs, so where the runs execute (in order here, or all at once on Ray) cannot change
         what they compute.
         """
-        config = self.config
-        grounded = config.reward_mode == "grounded"
+        grounded = self.config.reward_mode == "grounded"
         base_correct = self.baseline_correct()[0] if grounded else []
         groups: list[list[RunSpec]] = []
         for problems in batches:
-            if grounded:
-                seeds = [int(rng.integers(2**31 - 1)) for _ in range(config.repeats)]
-                specs = [RunSpec(index=0, problems=tuple(problems), steps=self.inner_steps,
-                                 batch_size=config.batch_size, group_size=config.group_size, seed=seed,
-                                 eval_problems=tuple(self.eval_subset), greedy=config.greedy_eval,
-                                 eval_tokens=config.eval_tokens) for seed in seeds]
-            else:
-                # Intrinsic modes: the baseline samples the teacher's own problems, no training.
-                specs = [RunSpec(index=0, problems=tuple(problems), steps=0, batch_size=config.batch_size,
-                                 group_size=config.group_size, seed=int(rng.integers(2**31 - 1)),
-                                 eval_problems=tuple(problems), eval_samples=config.intrinsic_samples,
-                                 greedy=False, eval_tokens=config.max_new_tokens)]
-            groups.append(specs)
-        numbered = [dataclasses.replace(spec, index=i)
-                    for i, spec in enumerate(spec for specs in groups for spec in specs)]
+            groups.append(self._dataset_specs(problems, rng, first_index=sum(len(g) for g in groups)))
         runner = self.runner
         baseline = self._baseline_tensors if self._baseline_tensors is not None else self.student.baseline_state()
         if runner.parallel:
-            records = runner.run(numbered, baseline_id=self.state_id, baseline=baseline)
+            records = runner.run([spec for specs in groups for spec in specs], baseline_id=self.state_id,
+                                 baseline=baseline)
+            per_dataset: Iterable[list[RunRecord]] = [[records[spec.index] for spec in specs] for specs in groups]
         else:
-            records = []  # dataset by dataset, so at most r trained states are alive at once
+            # Lazily, dataset by dataset, so at most r trained states are alive at once.
+            per_dataset = (runner.run(specs, baseline_id=self.state_id, baseline=baseline) for specs in groups)
         results: list[DatasetResult] = []
         best = -1
-        offset = 0
-        for specs in groups:
-            mine = numbered[offset:offset + len(specs)]
-            runs = (records[offset:offset + len(specs)] if runner.parallel
-                    else runner.run(mine, baseline_id=self.state_id, baseline=baseline))
-            offset += len(specs)
+        for runs in per_dataset:
             result = self._grounded_result(runs, base_correct) if grounded else self._intrinsic_result(runs[0])
             # Promotion can only take the best dataset's (first argmax) median student, and g
             # full-weight states may not fit in memory: every other trained state is dropped now.
@@ -380,6 +363,22 @@ class SOARCore:
                 result.median_state = None
             results.append(result)
         return results
+
+    def _dataset_specs(self, problems: Sequence[Problem], rng: np.random.Generator,
+                       first_index: int) -> list[RunSpec]:
+        """The runs one dataset needs: r trainings (grounded) or one sampled evaluation (intrinsic)."""
+        config = self.config
+        if config.reward_mode == "grounded":
+            seeds = [int(rng.integers(2**31 - 1)) for _ in range(config.repeats)]
+            return [RunSpec(index=first_index + j, problems=tuple(problems), steps=self.inner_steps,
+                            batch_size=config.batch_size, group_size=config.group_size, seed=seed,
+                            eval_problems=tuple(self.eval_subset), greedy=config.greedy_eval,
+                            eval_tokens=config.eval_tokens) for j, seed in enumerate(seeds)]
+        # Intrinsic modes: the baseline samples the teacher's own problems, no training.
+        return [RunSpec(index=first_index, problems=tuple(problems), steps=0, batch_size=config.batch_size,
+                        group_size=config.group_size, seed=int(rng.integers(2**31 - 1)),
+                        eval_problems=tuple(problems), eval_samples=config.intrinsic_samples, greedy=False,
+                        eval_tokens=config.max_new_tokens)]
 
     def _grounded_result(self, runs: Sequence[RunRecord], base_correct: list[int]) -> DatasetResult:
         base_acc = float(np.mean(base_correct)) if base_correct else 0.0
