@@ -26,6 +26,9 @@ of a step at once on Ray actors (extra ``ray``; see ``soar_env.ray_backend``).""
 
 DTYPES = ("float32", "bfloat16", "float16")
 
+SAMPLERS = ("transformers", "vllm")
+"""Who samples student rollouts; log-probs and updates always run on the transformers model."""
+
 TINY_HARDSET = "generator:addition,multiplication@3#32%1234"
 """The tiny preset's hard pool: generated in-process, since a random tiny model solves nothing."""
 
@@ -131,6 +134,12 @@ class EnvConfig:
     """Times a run is resubmitted after its worker died or raised; past that it counts as no gain."""
     ray_student_factory: str | None = None
     """"module:function" that builds a worker's student from this config (None: as the env builds its own)."""
+    sampler: str = "transformers"
+    """Who samples student rollouts: "transformers", or "vllm" (CUDA and the extra vllm; see soar_env.models.vllm_sampler)."""
+    vllm_gpu_memory_utilization: float = 0.3
+    """With sampler vllm: the share of the GPU vLLM takes (weights + KV cache); the rest is left to training."""
+    vllm_lora_sync: str = "adapter"
+    """With sampler vllm and LoRA: "adapter" sends the adapters (bfloat16/float16 only), "merged" the merged weights."""
     device: str = "auto"
     """Torch device of the student: "auto" (cuda when available, else cpu), "cpu", "cuda", "cuda:1", ..."""
     dtype: str = "float32"
@@ -166,6 +175,14 @@ class EnvConfig:
             raise ValueError(f"ray_max_retries must be an integer >= 0, got {self.ray_max_retries!r}")
         if self.ray_student_factory is not None and ":" not in self.ray_student_factory:
             raise ValueError(f"ray_student_factory must be 'module:function', got {self.ray_student_factory!r}")
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {SAMPLERS}, got {self.sampler!r}")
+        if self.sampler == "vllm" and self.device == "cpu":
+            raise ValueError("sampler='vllm' needs a CUDA device; device is 'cpu'")
+        if self.vllm_lora_sync not in ("adapter", "merged"):
+            raise ValueError(f"vllm_lora_sync must be 'adapter' or 'merged', got {self.vllm_lora_sync!r}")
+        if not 0 < float(self.vllm_gpu_memory_utilization) <= 1:
+            raise ValueError(f"vllm_gpu_memory_utilization must be in (0, 1], got {self.vllm_gpu_memory_utilization!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.hardset_split not in ("train", "test"):

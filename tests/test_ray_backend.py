@@ -114,3 +114,18 @@ def test_ray_settings_are_validated():
     with pytest.raises(ValueError, match="backend must be one of"):
         make_config("tiny", backend="spark")
     assert np.isclose(make_config("tiny", backend="ray").ray_cpus_per_worker, 1.0)
+
+
+def test_intrinsic_rewards_on_ray_equal_the_in_process_ones():
+    def success_rates(**overrides):
+        envs = SOARMathVectorEnv(preset="tiny", num_envs=2, reward_mode="learnability", intrinsic_samples=4,
+                                 **overrides)
+        envs.reset(seed=5)
+        envs.action_space.seed(5)
+        _, rewards, _, _, infos = envs.step(envs.action_space.sample())
+        envs.close()
+        return rewards.tolist(), [list(r) for r in infos["success_rates"]]
+
+    local = success_rates()
+    assert success_rates(backend="ray", ray_workers=2) == local
+    assert all(len(rates) == 4 for rates in local[1])  # one success rate per problem of each dataset

@@ -73,6 +73,11 @@ def build_student(config: EnvConfig) -> StudentLike:
     if config.student_checkpoint:
         # Episode-start weights other than the pretrained ones, e.g. a promoted student of a past run.
         policy.load(os.path.expanduser(config.student_checkpoint))
+    if config.sampler == "vllm":
+        from soar_env.models.vllm_sampler import VLLMSampler, VLLMSettings
+
+        policy.sampler = VLLMSampler(policy, VLLMSettings(gpu_memory_utilization=config.vllm_gpu_memory_utilization,
+                                                          lora_sync=config.vllm_lora_sync))
     student_config = StudentConfig(
         steps=config.inner_steps,
         steps_after_promotion=config.inner_steps_after_promotion,

@@ -1,10 +1,11 @@
-"""Models: name resolution (embedded default, tiny, local folders, hub ids) and the LM policy.
+"""Models: name resolution (embedded default, tiny, local folders, hub ids), the LM policy and
+its optional vLLM sampler (imports vLLM only when a ``VLLMSampler`` is built).
 
     >>> from soar_env.models import LMPolicy
     >>> student = LMPolicy.from_name("tiny")          # "smollm2-135m-instruct" for the real one
 """
 
-from soar_env.models.policy import LLAMA_LINEAR_MODULES, LMPolicy, LoraSettings, Rollout
+from soar_env.models.policy import LLAMA_LINEAR_MODULES, LMPolicy, LoraSettings, Rollout, Sampler
 from soar_env.models.resolve import (
     EMBEDDED_DEFAULT,
     ModelLoadError,
@@ -14,6 +15,7 @@ from soar_env.models.resolve import (
     load_model,
 )
 from soar_env.models.tiny import build_tiny_model, build_tiny_tokenizer
+from soar_env.models.vllm_sampler import VLLMSampler, VLLMSettings
 
 __all__ = [
     "EMBEDDED_DEFAULT",
@@ -22,6 +24,9 @@ __all__ = [
     "LoraSettings",
     "ModelLoadError",
     "Rollout",
+    "Sampler",
+    "VLLMSampler",
+    "VLLMSettings",
     "build_tiny_model",
     "build_tiny_tokenizer",
     "clear_model_cache",

@@ -15,7 +15,8 @@ the baseline student again). :class:`LMPolicy` does these for any Hugging Face c
 Speed choices, all on by default: prompts are tokenised once; the samples of one prompt share
 one prefill of its KV cache; greedy decoding runs once per prompt whatever ``num_samples``;
 LoRA adapters are folded into the weights while sampling; log-probs run each distinct prompt
-once per call and apply the output head only to completion tokens.
+once per call and apply the output head only to completion tokens. On a GPU, ``policy.sampler =
+VLLMSampler(policy)`` (extra ``vllm``) hands sampling to vLLM; log-probs and training stay here.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -61,6 +63,23 @@ class LoraSettings:
     """Names of the linear layers that get adapters."""
     init_seed: int = 0
     """Seed of the adapter initialisation, so equal settings on equal models give equal policies."""
+
+
+class Sampler(Protocol):
+    """Another engine that samples for a policy, with the arguments and result of :meth:`LMPolicy.sample`."""
+
+    def sample(
+        self,
+        prompts: Sequence[str],
+        *,
+        num_samples: int,
+        temperature: float,
+        max_new_tokens: int,
+        stop: Sequence[str] | None,
+        greedy: bool,
+        seed: int | None,
+        batch_size: int,
+    ) -> Rollout: ...
 
 
 @dataclass
@@ -156,6 +175,8 @@ class LMPolicy:
         decoder_arguments = inspect.signature(getattr(model, model.base_model_prefix).forward).parameters
         self._cache_kwarg = "cache" if "cache" in decoder_arguments else "past_key_values"
         self._reference_model: PreTrainedModel | None = None
+        self.sampler: Sampler | None = None
+        """Where :meth:`sample` runs: None is this transformers model; e.g. a ``VLLMSampler``."""
 
     @classmethod
     def from_name(
@@ -221,8 +242,20 @@ class LMPolicy:
         samples come from exactly the distribution :meth:`token_logprobs` scores.
         ``greedy=True`` (or ``temperature <= 0``) decodes greedily. With ``seed`` the result is
         reproducible and the global torch RNG is left untouched; without it the global RNG is
-        used. ``batch_size`` counts sequences decoded together.
+        used. ``batch_size`` counts sequences decoded together. With :attr:`sampler` set, that
+        engine samples instead (it syncs the current weights first).
         """
+        if self.sampler is not None:
+            return self.sampler.sample(
+                prompts,
+                num_samples=num_samples,
+                temperature=temperature,
+                max_new_tokens=max_new_tokens,
+                stop=stop,
+                greedy=greedy,
+                seed=seed,
+                batch_size=batch_size,
+            )
         greedy = greedy or temperature <= 0
         stops = [s for s in (stop or []) if s]
         encoded = [self._encode(prompt) for prompt in prompts]
@@ -347,7 +380,8 @@ class LMPolicy:
                 for module in self.model.modules():
                     if isinstance(module, LoraLinear) and adapter in module.lora_A:
                         layer = module.get_base_layer()
-                        merged = layer.weight + module.get_delta_weight(adapter)  # (out, in)
+                        # peft keeps adapters in float32 under a bfloat16/float16 model: merge, then round.
+                        merged = (layer.weight + module.get_delta_weight(adapter)).to(layer.weight.dtype)  # (out, in)
                         swapped.append((layer, layer.weight))
                         layer.weight = nn.Parameter(merged, requires_grad=False)
             with self.model.disable_adapter():  # the merged weights already hold the adapters
@@ -508,18 +542,21 @@ class LMPolicy:
             raise ValueError(f"{folder} holds weights for lora={saved_lora}, this policy has lora={self.lora}")
         self.load_state_dict_trainable(torch.load(folder / TRAINABLE_FILE, map_location="cpu", weights_only=True))
 
-    def save_pretrained_full(self, folder: str | Path) -> None:
+    def save_pretrained_full(self, folder: str | Path, *, merge_lora: bool = True) -> None:
         """Write a standard transformers folder (LoRA merged in) that ``load_model(folder)`` reads.
 
         Written by hand (config + safetensors + tokenizer) because a GGUF-loaded model cannot
-        ``save_pretrained`` itself.
+        ``save_pretrained`` itself. ``merge_lora=False`` writes the base weights without the
+        adapters: the model a LoRA-serving engine (vLLM) applies adapters to.
         """
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         if self.lora is None:
             merged = self.model
-        else:
+        elif merge_lora:
             merged = copy.deepcopy(self.model).merge_and_unload()  # a copy: the adapters stay trainable
+        else:
+            merged = copy.deepcopy(self.model).unload()
         state: dict[str, Tensor] = {}
         seen: set[int] = set()
         for name, tensor in merged.state_dict().items():
