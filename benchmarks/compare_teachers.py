@@ -4,6 +4,11 @@
     OMP_NUM_THREADS=1 python -m benchmarks.compare_teachers --quick            # smoke test, < 15 min on 2 cores
     soar bench --quick                                                         # the same
 
+Each finished (method, seed) job is written to ``OUT/jobs/``; running the same command on the
+same ``--out`` again keeps those jobs and runs only the missing ones, so a study of many hours
+survives a killed run, and can be spread over several sessions (``--seeds``, ``--methods``)
+that add up in one table. Jobs measured with other settings are refused, never mixed in.
+
 For each seed and method:
 
 1. ``base-student``: the untrained student, tested (the paper's "Base" row).
@@ -226,10 +231,14 @@ def run_study(bench: BenchConfig) -> dict[str, Any]:
     teachers: dict[str, list[dict[str, Any]]] = {}
     skipped: list[str] = []
 
+    job_rows: dict[str, list[dict[str, Any]]] = {}
+    """Rows of the (method, seed) job in progress, written to its job file when it ends."""
+
     def add(row: str, result: Any, extra: dict[str, Any] | None = None) -> None:
         entry = result.to_dict()
         entry.update(extra or {})
         rows.setdefault(row, []).append(entry)
+        job_rows.setdefault(row, []).append(entry)
         print(f"[{time.perf_counter() - started:6.0f}s] {ROW_NAMES[row]:12s} seed {result.seed}: "
               + " ".join(f"pass@{k} {100 * v:.1f}" for k, v in result.pass_at_k.items())
               + f"  ({result.student_steps} steps, {result.seconds:.0f} s, {result.train_seconds:.0f} s training){'  ' + result.note if result.note else ''}",
@@ -240,9 +249,20 @@ def run_study(bench: BenchConfig) -> dict[str, Any]:
         hard_train, hard_test = hard_splits(config, seed=seed)
         for method in bench.method_list:
             elapsed = (time.perf_counter() - started) / 60
+            done = load_job(out, bench, method, seed)
+            if done is not None:  # finished by an earlier (maybe killed) run with these settings
+                for row, entries in done["rows"].items():
+                    rows.setdefault(row, []).extend(entries)
+                if done["teacher"] is not None:
+                    teachers.setdefault(method, []).append(done["teacher"])
+                print(f"[{time.perf_counter() - started:6.0f}s] {method} seed {seed}: kept from "
+                      f"{job_path(out, method, seed)}", flush=True)
+                continue
             if bench.budget_minutes is not None and elapsed > bench.budget_minutes:
                 skipped.append(f"{method}/seed{seed}")
                 continue
+            job_rows.clear()
+            teacher_info: dict[str, Any] | None = None
             if method == "base-student":
                 student = build_student(config)
                 t0 = time.perf_counter()
@@ -251,12 +271,15 @@ def run_study(bench: BenchConfig) -> dict[str, Any]:
 
                 add(method, ProtocolResult("base", seed, scores, list(test.correct), evaluation.samples,
                                            tokens=test.tokens, seconds=time.perf_counter() - t0))
+                save_job(out, bench, method, seed, job_rows, None)
                 continue
             if method == "hard-only":
                 add(method, run_pq(config, [], hard_train, hard_test, evaluation, seed=seed, protocol="Hard-Only"))
+                save_job(out, bench, method, seed, job_rows, None)
                 continue
             run = _teacher_run(bench, method, seed, out)
-            teachers.setdefault(method, []).append(run["info"])
+            teacher_info = run["info"]
+            teachers.setdefault(method, []).append(teacher_info)
             extra = {"meta": run["info"]["compute"]}
             synthetic = run["sampled"][: bench.synthetic_problems or len(run["sampled"])]
             if method in ("soar", "sb3"):
@@ -274,11 +297,47 @@ def run_study(bench: BenchConfig) -> dict[str, Any]:
             else:
                 add(method, run_pq(config, synthetic, hard_train, hard_test, evaluation, seed=seed,
                                    protocol=ROW_NAMES[method]), extra)
+            save_job(out, bench, method, seed, job_rows, teacher_info)
             # Free the models before the next job (2 cores, little memory to spare).
             del run
         write_results(bench, out, rows, teachers, skipped, time.perf_counter() - started)
     analysis = analyze_teachers(bench, out)
     return write_results(bench, out, rows, teachers, skipped, time.perf_counter() - started, analysis)
+
+
+# Settings that change which jobs run or how fast, not what a finished job measured.
+NOT_JOB_SETTINGS = ("methods", "seeds", "first_seed", "budget_minutes", "out", "threads", "plots")
+
+
+def job_path(out: Path, method: str, seed: int) -> Path:
+    return out / "jobs" / f"{method}-seed{seed}.json"
+
+
+def job_settings(bench: BenchConfig) -> dict[str, Any]:
+    return {k: v for k, v in dataclasses.asdict(bench).items() if k not in NOT_JOB_SETTINGS}
+
+
+def save_job(out: Path, bench: BenchConfig, method: str, seed: int, rows: dict[str, list[dict[str, Any]]],
+             teacher: dict[str, Any] | None) -> None:
+    """One finished (method, seed) job, written atomically: a killed study loses only the job in flight."""
+    path = job_path(out, method, seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"settings": job_settings(bench), "rows": rows, "teacher": teacher}, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def load_job(out: Path, bench: BenchConfig, method: str, seed: int) -> dict[str, Any] | None:
+    """A finished job of this study, or None; a job made with other settings is refused, never mixed in."""
+    path = job_path(out, method, seed)
+    if not path.is_file():
+        return None
+    job = json.loads(path.read_text())
+    if job["settings"] != job_settings(bench):
+        changed = sorted(k for k in job_settings(bench) if job["settings"].get(k) != job_settings(bench)[k])
+        raise ValueError(f"{path} was measured with other settings ({', '.join(changed)}); "
+                         f"use another --out or delete it")
+    return job
 
 
 def analyze_teachers(bench: BenchConfig, out: Path) -> dict[str, Any]:

@@ -160,6 +160,39 @@ def test_compare_teachers_smoke(tmp_path):
     assert "| Hard-Only | 2 |" in text and "Vendi" in text
 
 
+def test_compare_teachers_keeps_finished_jobs_of_a_killed_study(tmp_path, monkeypatch):
+    """A study re-run on the same folder reuses every finished (method, seed) job and runs only the rest."""
+    import json
+
+    from benchmarks.compare_teachers import BenchConfig, run_study
+
+    settings = dict(preset="tiny", methods="base-student,hard-only", pq_max_steps=2, eval_every=1, samples=4,
+                    test_size=4, analysis_questions=8, out=str(tmp_path), plots=False)
+    run_study(BenchConfig(seeds=1, **settings))  # as if killed after seed 0
+    first = json.loads((tmp_path / "results.json").read_text())
+    assert sorted(p.name for p in (tmp_path / "jobs").iterdir()) == ["base-student-seed0.json", "hard-only-seed0.json"]
+
+    import soar_env.evaluation as evaluation
+
+    calls = []
+
+    original = evaluation.run_pq
+
+    def counting_run_pq(config, *args, **kwargs):
+        calls.append(kwargs.get("seed"))
+        return original(config, *args, **kwargs)
+
+    monkeypatch.setattr(evaluation, "run_pq", counting_run_pq)
+    second = run_study(BenchConfig(seeds=2, **settings))
+    assert calls == [1]  # only hard-only of the new seed trained a student
+    assert json.loads(json.dumps(second["rows"]["hard-only"][0])) == first["rows"]["hard-only"][0]
+    assert second["table"]["hard-only"]["seeds"] == 2
+    assert json.loads((tmp_path / "results.json").read_text())["table"]["base-student"]["seeds"] == 2
+
+    with pytest.raises(ValueError, match="other settings.*samples"):
+        run_study(BenchConfig(seeds=1, **{**settings, "samples": 2}))
+
+
 def test_paper_table_has_paper_numbers():
     from benchmarks.compare_teachers import BenchConfig, markdown_table
 
