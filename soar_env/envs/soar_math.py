@@ -469,6 +469,8 @@ class SOARCore:
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        # Remote workers cache baselines by state id, and the loaded ids may name other weights.
+        self.close()
         student = self.student
         self.promotions = int(state["promotions"])
         if self.promotions or int(state["state_id"]) != 0:
