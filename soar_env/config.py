@@ -127,11 +127,15 @@ class EnvConfig:
     ray_workers: int | None = None
     """Ray actors, each holding one student replica (None: one per run of a step, g x r, as many as fit)."""
     ray_cpus_per_worker: float = 1.0
-    """CPUs Ray reserves for each worker; also its torch thread count."""
+    """CPUs Ray reserves for each worker; also its torch thread count (results match the local backend
+    bit for bit when the env's process uses the same thread count)."""
     ray_gpus_per_worker: float | None = None
     """GPUs Ray reserves for each worker (None: 1 when the cluster has GPUs, else 0)."""
     ray_max_retries: int = 2
-    """Times a run is resubmitted after its worker died or raised; past that it counts as no gain."""
+    """Times a run is resubmitted after its worker died or raised (past that it counts as no gain),
+    and times a worker that is gone for good is replaced before it is dropped."""
+    ray_worker_timeout: float = 1800.0
+    """Seconds a worker may take to start or restart (building its student) before it is dropped."""
     ray_student_factory: str | None = None
     """"module:function" that builds a worker's student from this config (None: as the env builds its own)."""
     sampler: str = "transformers"
@@ -171,6 +175,8 @@ class EnvConfig:
         if not float(self.ray_cpus_per_worker) >= 0 or (self.ray_gpus_per_worker is not None
                                                          and not float(self.ray_gpus_per_worker) >= 0):
             raise ValueError("ray_cpus_per_worker and ray_gpus_per_worker must be >= 0")
+        if not float(self.ray_worker_timeout) > 0:
+            raise ValueError(f"ray_worker_timeout must be > 0, got {self.ray_worker_timeout!r}")
         if not isinstance(self.ray_max_retries, int) or self.ray_max_retries < 0:
             raise ValueError(f"ray_max_retries must be an integer >= 0, got {self.ray_max_retries!r}")
         if self.ray_student_factory is not None and ":" not in self.ray_student_factory:

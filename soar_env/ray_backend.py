@@ -77,7 +77,7 @@ class StudentWorker:
         if baseline_id != self.baseline_id:
             # The list keeps Ray from resolving the ref for calls that already hold this baseline.
             self.student.promote(ray.get(baseline_box[0]))
-            # Read back from the student, so it sits on the worker's device like the trained states.
+            # Compared with trained states by `execute_run`, so read it back as the student holds it.
             self.baseline, self.baseline_id = self.student.baseline_state(), baseline_id
         record = execute_run(self.student, spec, self.baseline)
         if record.state is not None:
@@ -85,6 +85,11 @@ class StudentWorker:
             record.state = True  # "kept here": the driver wraps it in a RemoteState
         record.worker = f"pid {os.getpid()}"
         return record
+
+    def keep_only(self, step: int, index: int | None) -> None:
+        """Free every trained state of ``step`` but run ``index``'s (the one that may be promoted)."""
+        if step == self.step:
+            self.states = {index: self.states[index]} if index in self.states else {}
 
     def fetch(self, step: int, index: int) -> Any:
         """The trained weights of run ``index`` of ``step``; None if this worker no longer has them."""
@@ -129,7 +134,10 @@ class RayRunner:
             fit = int(resources.get("CPU", 1) // cpus) if cpus > 0 else runs
             if gpus > 0:
                 fit = min(fit, int(resources.get("GPU", 0) // gpus))
-            workers = max(1, min(runs, fit))
+            if fit < 1:
+                raise ValueError(f"no Ray worker fits this cluster ({resources.get('CPU', 0)} CPUs, "
+                                 f"{resources.get('GPU', 0)} GPUs) with {cpus} CPUs and {gpus} GPUs per worker")
+            workers = min(runs, fit)
         actor = ray.remote(StudentWorker).options(
             num_cpus=cpus, num_gpus=gpus,
             max_restarts=-1,  # a dead worker comes back with a fresh replica; retries below stay bounded
@@ -139,7 +147,13 @@ class RayRunner:
         self._actor, self._threads = actor, max(1, int(cpus))
         self.workers = [actor.remote(config, self._threads) for _ in range(workers)]
         self._recovering: dict[int, Any] = {}
-        """Workers that died and are restarting, with the ping that tells when they are back."""
+        """Workers starting or restarting, with the ping that tells when they are up."""
+        self._recovering_since: dict[int, float] = {}
+        self._replacements: collections.Counter[int] = collections.Counter()
+        self._dropped: set[int] = set()
+        """Workers given up on: they failed to come back ``ray_max_retries`` times, or timed out."""
+        for worker in range(len(self.workers)):
+            self._recover(worker)  # a new worker gets work once its student is built
         self._baseline_id: int | None = None
         self._baseline_ref: Any = None
         self._step = 0
@@ -153,11 +167,10 @@ class RayRunner:
             self._baseline_ref = ray.put(_to_cpu(baseline))
             self._baseline_id = baseline_id
         self._step += 1
-        self._events = []
         records: dict[int, RunRecord] = {}
         attempts: collections.Counter[int] = collections.Counter()
         pending = collections.deque(specs)
-        idle = [w for w in range(len(self.workers)) if w not in self._recovering]
+        idle = [w for w in self._live() if w not in self._recovering]
         runs: dict[Any, tuple[RunSpec, int]] = {}
         while pending or runs:
             while pending and idle:
@@ -165,7 +178,16 @@ class RayRunner:
                 attempts[spec.index] += 1
                 ref = self.workers[worker].run.remote(spec, baseline_id, [self._baseline_ref], self._step)
                 runs[ref] = (spec, worker)
-            (ref,), _ = ray.wait([*runs, *self._recovering.values()], num_returns=1)
+            if not runs and not self._recovering:  # every worker was dropped: nothing can run these
+                for spec in pending:
+                    records[spec.index] = self._failed(spec, attempts[spec.index], "no Ray worker is left")
+                pending.clear()
+                break
+            ready, _ = ray.wait([*runs, *self._recovering.values()], num_returns=1, timeout=RESTART_POLL_SECONDS)
+            if not ready:
+                self._drop_stalled()
+                continue
+            ref = ready[0]
             if ref not in runs:
                 worker = next(w for w, ping in self._recovering.items() if ping == ref)
                 if self._answered(worker, ref):
@@ -179,14 +201,11 @@ class RayRunner:
                 retry = attempts[spec.index] <= self.config.ray_max_retries
                 self._events.append({"run": spec.index, "attempt": attempts[spec.index], "worker": worker,
                                      "error": failure, "action": "retried" if retry else "gave up"})
-                # The worker restarts with a fresh replica; it gets work again once it answers.
-                self._recovering[worker] = self.workers[worker].pid.remote()
+                self._recover(worker)  # it restarts with a fresh replica; work again once it answers
                 if retry:
                     pending.appendleft(spec)
                 else:
-                    records[spec.index] = RunRecord(
-                        index=spec.index, attempts=attempts[spec.index], worker=f"ray worker {worker}",
-                        error=f"ray: run {spec.index} failed {attempts[spec.index]} times, last: {failure}")
+                    records[spec.index] = self._failed(spec, attempts[spec.index], failure)
                 continue
             idle.append(worker)
             record.attempts = attempts[spec.index]
@@ -195,8 +214,24 @@ class RayRunner:
             records[spec.index] = record
         return [records[spec.index] for spec in specs]
 
+    def keep_only(self, keep: Any) -> None:
+        """Drop this step's trained weights on every worker except ``keep``'s (a RemoteState or None)."""
+        for worker in self._live():
+            index = keep.spec.index if isinstance(keep, RemoteState) and keep.worker == worker else None
+            self.workers[worker].keep_only.remote(self._step, index)  # ordered before any later fetch
+
+    # -- worker health -----------------------------------------------------------------------------
+
+    def _live(self) -> list[int]:
+        return [w for w in range(len(self.workers)) if w not in self._dropped]
+
+    def _recover(self, worker: int) -> None:
+        """Wait for ``worker`` to answer a ping before it gets work again (Ray is restarting it)."""
+        self._recovering[worker] = self.workers[worker].pid.remote()
+        self._recovering_since.setdefault(worker, time.monotonic())
+
     def _answered(self, worker: int, ping: Any) -> bool:
-        """Whether a restarting worker answered its ping; if not, ping it again (or replace it)."""
+        """Whether a recovering worker answered its ping; if not, ping it again (or replace it)."""
         ray = self.ray
         try:
             ray.get(ping)
@@ -204,20 +239,52 @@ class RayRunner:
             time.sleep(RESTART_POLL_SECONDS)
             self._recovering[worker] = self.workers[worker].pid.remote()
             return False
-        except ray.exceptions.RayError:  # gone for good (its node left): a new replica takes the slot
+        except ray.exceptions.RayError as exc:  # gone for good (its node left, or it cannot start)
+            self._replacements[worker] += 1
+            if self._replacements[worker] > self.config.ray_max_retries:
+                self._drop(worker, f"replaced {self._replacements[worker] - 1} times, last: {_describe(exc)}")
+                return False
+            self._events.append({"worker": worker, "error": _describe(exc), "action": "replaced"})
             self.workers[worker] = self._actor.remote(self.config, self._threads)
             self._recovering[worker] = self.workers[worker].pid.remote()
             return False
         del self._recovering[worker]
+        self._recovering_since.pop(worker, None)
         return True
+
+    def _drop_stalled(self) -> None:
+        """Drop workers that have not come up within ``ray_worker_timeout`` (e.g. cannot be placed)."""
+        now = time.monotonic()
+        for worker, since in list(self._recovering_since.items()):
+            if now - since > self.config.ray_worker_timeout:
+                self._drop(worker, f"did not start within {self.config.ray_worker_timeout:.0f} s")
+
+    def _drop(self, worker: int, why: str) -> None:
+        self._dropped.add(worker)
+        self._recovering.pop(worker, None)
+        self._recovering_since.pop(worker, None)
+        self._events.append({"worker": worker, "error": why, "action": "dropped"})
+        try:
+            self.ray.kill(self.workers[worker])
+        except Exception:  # noqa: BLE001 - already gone
+            pass
+
+    def _failed(self, spec: RunSpec, attempts: int, why: str) -> RunRecord:
+        return RunRecord(index=spec.index, attempts=attempts, worker="ray",
+                         error=f"ray: run {spec.index} failed after {attempts} attempt(s), last: {why}")
+
+    # -- promotion -----------------------------------------------------------------------------------
 
     def fetch_state(self, remote: RemoteState) -> Any:
         """The weights of one run; if its worker died since, the run is redone (it is deterministic)."""
         ray = self.ray
         if remote.step != self._step:
             raise RuntimeError("a RemoteState can only be fetched during the step that produced it")
-        for attempt in range(1, self.config.ray_max_retries + 2):
-            worker = remote.worker if attempt == 1 else (remote.worker + attempt - 1) % len(self.workers)
+        live = self._live()
+        candidates = [remote.worker] + [w for w in live if w != remote.worker]
+        for attempt, worker in enumerate(candidates[: self.config.ray_max_retries + 1], start=1):
+            if worker in self._dropped:
+                continue
             try:
                 state = ray.get(self.workers[worker].fetch.remote(remote.step, remote.spec.index))
                 if state is None:  # the worker restarted and lost it: train that run again there
@@ -231,19 +298,23 @@ class RayRunner:
             except ray.exceptions.RayError as exc:
                 self._events.append({"run": remote.spec.index, "attempt": attempt, "worker": worker,
                                      "error": _describe(exc), "action": "fetch retried"})
-        raise RuntimeError(f"could not fetch the weights of run {remote.spec.index} to promote them "
-                           f"after {self.config.ray_max_retries + 1} attempts")
+                self._recover(worker)
+        raise RuntimeError(f"could not fetch the weights of run {remote.spec.index} to promote them")
 
     def events(self) -> list[dict[str, Any]]:
-        """Worker failures of the last ``run`` call (and of fetches since)."""
-        return list(self._events)
+        """Worker failures since the last call (runs, fetches, replacements), then forgotten."""
+        events, self._events = self._events, []
+        return events
 
     def worker_pids(self) -> list[int]:
         return [self.ray.get(w.pid.remote()) for w in self.workers]
 
     def close(self) -> None:
         for worker in self.workers:
-            self.ray.kill(worker)
+            try:
+                self.ray.kill(worker)
+            except Exception:  # noqa: BLE001 - Ray already shut down, or the actor is gone
+                pass
         self.workers = []
 
 

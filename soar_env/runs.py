@@ -70,6 +70,8 @@ class StudentRunner(Protocol):
 
     def run(self, specs: Sequence[RunSpec], *, baseline_id: int, baseline: Any) -> list[RunRecord]: ...
 
+    def keep_only(self, keep: Any) -> None: ...
+
     def events(self) -> list[dict[str, Any]]: ...
 
     def close(self) -> None: ...
@@ -138,6 +140,9 @@ class LocalRunner:
 
     def run(self, specs: Sequence[RunSpec], *, baseline_id: int, baseline: Any) -> list[RunRecord]:
         return [execute_run(self.student, spec, baseline) for spec in specs]
+
+    def keep_only(self, keep: Any) -> None:
+        pass  # records hold their states; SOARCore drops all but the promotable one
 
     def events(self) -> list[dict[str, Any]]:
         return []

@@ -97,13 +97,36 @@ def test_a_run_that_keeps_failing_is_reported_and_counted_as_no_gain(tmp_path, m
     events = infos["backend_events"][0]
     assert [e["action"] for e in events] == ["retried", "gave up"]
     (errors,) = infos["errors"]
-    assert len(errors) == 1 and "failed 2 times" in errors[0]
+    assert len(errors) == 1 and "failed after 2 attempt(s)" in errors[0]
     # Counted, not dropped: the run's gain is 0, so the dataset's reward is exactly 0.
     assert rewards.tolist() == [0.0] and infos["run_rewards"][0] == [0.0]
     # The next step runs normally on the restarted worker.
     _, rewards, _, _, infos = envs.step(envs.action_space.sample())
     assert infos["backend_events"][0] == [] and infos["errors"][0] == []
     envs.close()
+
+
+def test_workers_that_cannot_start_are_dropped_and_the_step_still_ends():
+    """A student that cannot be built on the workers must not hang env.step: runs fail, reward 0, reasons."""
+    envs = SOARMathVectorEnv(preset="tiny", num_envs=1, repeats=2, backend="ray", ray_workers=1, ray_max_retries=1,
+                             ray_student_factory="soar_env.envs.testing:unbuildable_student")
+    envs.reset(seed=0)
+    _, rewards, _, _, infos = envs.step(envs.action_space.sample())
+    actions = [e["action"] for e in infos["backend_events"][0]]
+    assert actions == ["replaced", "dropped"]
+    assert rewards.tolist() == [0.0] and infos["run_rewards"][0] == [0.0, 0.0]
+    assert all("no Ray worker is left" in e for e in infos["errors"][0]) and len(infos["errors"][0]) == 2
+    envs.close()
+
+
+def test_a_student_passed_to_the_env_is_refused_on_ray():
+    from soar_env.envs.testing import ScriptedStudent, ranked_pool
+
+    pool = ranked_pool(4)
+    envs = SOARMathVectorEnv(preset="tiny", num_envs=1, backend="ray", student=ScriptedStudent(pool), hard_pool=pool)
+    envs.reset(seed=0)
+    with pytest.raises(ValueError, match="ray_student_factory"):
+        envs.step(envs.action_space.sample())
 
 
 def test_ray_settings_are_validated():

@@ -200,6 +200,7 @@ class SOARCore:
                  hard_pool: Sequence[Problem] | None = None) -> None:
         self.config = config
         self._student = student
+        self._student_given = student is not None
         self._hard_pool = list(hard_pool) if hard_pool is not None else None
         self._initial_state: Any = None
         self._baseline_tensors: Any = None
@@ -208,6 +209,8 @@ class SOARCore:
         self._next_state_id = 1
         self._baseline_cache: dict[int, dict[str, int]] = {}
         self._runner: StudentRunner | None = None
+        self.promotion_errors: list[str] = []
+        """Promotions the rule fired but that could not happen (the run's weights were lost)."""
         self.eval_subset: list[Problem] = []
         self.promoted_questions: list[Problem] = []
         self.promotions = 0
@@ -324,6 +327,11 @@ class SOARCore:
             if self.config.backend == "ray":
                 from soar_env.ray_backend import RayRunner
 
+                if self._student_given and self.config.ray_student_factory is None:
+                    raise ValueError("backend='ray' builds each worker's student from the config, so a student "
+                                     "passed to the env would not be the one trained; set ray_student_factory "
+                                     "to a 'module:function' that builds it")
+
                 self._runner = RayRunner(self.config)
             else:
                 self._runner = LocalRunner(self.student)
@@ -358,6 +366,8 @@ class SOARCore:
         best = -1
         for runs in per_dataset:
             result = self._grounded_result(runs, base_correct) if grounded else self._intrinsic_result(runs[0])
+            for run in runs:
+                run.state = None  # the median's state lives on in the result; the others go now
             # Promotion can only take the best dataset's (first argmax) median student, and g
             # full-weight states may not fit in memory: every other trained state is dropped now.
             if best < 0 or result.reward > results[best].reward:
@@ -367,6 +377,10 @@ class SOARCore:
             else:
                 result.median_state = None
             results.append(result)
+        # Remote workers free every trained state but the one promotion may ask for.
+        runner.keep_only(results[best].median_state if results and self.can_promote else None)
+        if not self.can_promote and results:
+            results[best].median_state = None
         return results
 
     def _dataset_specs(self, problems: Sequence[Problem], rng: np.random.Generator,
@@ -442,7 +456,12 @@ class SOARCore:
         (window average over tau) fired on them.
         """
         if state is not None and hasattr(state, "fetch"):
-            state = state.fetch()  # a RemoteState: the chosen run's weights still sit on its worker
+            try:
+                state = state.fetch()  # a RemoteState: the chosen run's weights still sit on its worker
+            except RuntimeError as error:  # every worker that could hold or redo them failed
+                warnings.warn(f"promotion skipped: {error}", stacklevel=2)
+                self.promotion_errors.append(str(error))
+                return False
         if state is not None:
             self.student.promote(state)
             self._baseline_tensors = state

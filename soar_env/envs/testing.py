@@ -155,3 +155,8 @@ def crashing_student(config: Any) -> Any:
 
     student.train = train_or_die
     return student
+
+
+def unbuildable_student(config: Any) -> Any:
+    """A student factory that always fails, as a worker without the model files would (fault tests)."""
+    raise RuntimeError(f"cannot build the student {config.student_model!r} on this worker (test fault)")

@@ -222,8 +222,8 @@ class SOARMathVectorEnv(CoreStateMixin, VectorEnv):
         if valid_k and self.core.can_promote:
             step_reward = float(np.mean(rewards[valid_k]))
             if self.core.tracker.update(step_reward) and best_problems is not None:
-                self.core.promote(best_state, best_problems)
-                promoted_k = best_k
+                if self.core.promote(best_state, best_problems):
+                    promoted_k = best_k
         self._last_rewards = rewards.copy()
         if self.config.resample_eval_subset:
             self.core.draw_eval_subset(self.np_random)
