@@ -143,18 +143,34 @@ def _teacher_run(bench: BenchConfig, method: str, seed: int, out: Path) -> dict[
     import gymnasium as gym
 
     import soar_env  # noqa: F401  (registers the env ids)
-    from agents.base import env_core
+    from agents.base import checkpoint_dirs, env_core
     from agents.logger import Logger
-    from agents.train import DEFAULT_STEPS, RUN_CONFIG, build_teacher, plan_run
+    from agents.train import DEFAULT_STEPS, RESUMABLE, RUN_CONFIG, build_teacher, plan_run
     from soar_env.evaluation import promoted_students_callback
 
     run_dir = out / f"{method}-seed{seed}"
     steps = bench.teacher_steps or DEFAULT_STEPS.get(bench.preset, 10)
-    plan = plan_run({"teacher": TEACHER_OF[method], "preset": bench.preset, "steps": steps, "run_dir": str(run_dir),
-                     "progress": False, "threads": bench.threads}, {}, {"seed": seed})
+    options = {"teacher": TEACHER_OF[method], "preset": bench.preset, "steps": steps, "run_dir": str(run_dir),
+               "progress": False, "threads": bench.threads}
+    # A job killed during or after meta-training (a session that ended) continues from its last checkpoint.
+    found = checkpoint_dirs(run_dir) if method in META_TRAINED else []
+    resumed_at = int(found[-1].name.split("_", 1)[1]) if found else 0
+    if resumed_at > steps:
+        raise ValueError(f"{run_dir} holds {found[-1].name}, more than --teacher-steps {steps}: use another --out")
+    # Planned as a fresh run (plan_run refuses a folder with checkpoints, and its resume path wants
+    # steps beyond the last one, which a finished meta-training has not); the folder is checked here.
+    plan = plan_run({**options, "run_dir": None}, {}, {"seed": seed})
+    plan = dataclasses.replace(plan, train=dataclasses.replace(plan.train, run_dir=str(run_dir)), run_dir=run_dir)
+    settings = json.loads(json.dumps({"train": dataclasses.asdict(plan.train), "env": plan.env.to_dict(),
+                                      "teacher_config": plan.teacher_config.to_dict()}))
+
+    def measured(run: dict[str, Any]) -> dict[str, Any]:
+        return {**run, "train": {k: v for k, v in run["train"].items() if k not in RESUMABLE}}
+
+    if found and measured(json.loads((run_dir / RUN_CONFIG).read_text())) != measured(settings):
+        raise ValueError(f"{run_dir} holds a teacher run with other settings; use another --out")
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / RUN_CONFIG).write_text(json.dumps({"train": dataclasses.asdict(plan.train), "env": plan.env.to_dict(),
-                                                  "teacher_config": plan.teacher_config.to_dict()}, indent=2) + "\n")
+    (run_dir / RUN_CONFIG).write_text(json.dumps(settings, indent=2) + "\n")
     envs = gym.make_vec("SOAR-MATH-v0", num_envs=plan.env.num_datasets, config=plan.env)
     teacher = build_teacher(plan)
     start = time.perf_counter()
@@ -163,7 +179,8 @@ def _teacher_run(bench: BenchConfig, method: str, seed: int, out: Path) -> dict[
     if method in META_TRAINED:
         recorder = promoted_students_callback()
         logger = Logger(run_dir, writers=("csv", "tensorboard"))
-        teacher.learn(envs, steps, run_dir=run_dir, callback=recorder, seed=seed, logger=logger, progress_bar=False)
+        teacher.learn(envs, steps, run_dir=run_dir, callback=recorder, seed=seed, logger=logger, progress_bar=False,
+                      resume_from=run_dir if found else None)
         history = logger.history
     elif hasattr(teacher, "setup"):
         teacher.setup(envs, 1)  # loads the LLM teacher's model; nothing is trained
@@ -202,6 +219,8 @@ def _teacher_run(bench: BenchConfig, method: str, seed: int, out: Path) -> dict[
         "baseline_accuracy": [row.get("student/baseline_accuracy") for row in history],
         "compute": compute,
         "pq_size": len(promoted),
+        # After a resume, PS sees the checkpoint's baseline and later promotions (earlier ones were in memory).
+        "resumed_at_step": resumed_at,
     }
     student = core.student if (recorder is not None and recorder.states) else None
     envs.close()
@@ -292,8 +311,13 @@ def run_study(bench: BenchConfig) -> dict[str, Any]:
                     student = run["student"] or build_student(config)
                     add("soar-ps", run_ps(student, run["states"], hard_train, hard_test, evaluation, seed=seed,
                                           config=config), extra)
-                    add("grounded", run_pq(config, synthetic, hard_train, hard_test, evaluation, seed=seed,
-                                           protocol="Grounded-T"), extra)
+                    if pq:
+                        grounded = run_pq(config, synthetic, hard_train, hard_test, evaluation, seed=seed,
+                                          protocol="Grounded-T")
+                    else:  # SOAR PQ above already trained on exactly these problems with this seed
+                        grounded = dataclasses.replace(result, protocol="Grounded-T",
+                                                       note="same run as SOAR PQ (no promotion, so PQ = the sampled problems)")
+                    add("grounded", grounded, extra)
             else:
                 add(method, run_pq(config, synthetic, hard_train, hard_test, evaluation, seed=seed,
                                    protocol=ROW_NAMES[method]), extra)
@@ -313,8 +337,20 @@ def job_path(out: Path, method: str, seed: int) -> Path:
     return out / "jobs" / f"{method}-seed{seed}.json"
 
 
-def job_settings(bench: BenchConfig) -> dict[str, Any]:
-    return {k: v for k, v in dataclasses.asdict(bench).items() if k not in NOT_JOB_SETTINGS}
+# Settings a method's job never reads: changing them keeps its finished jobs.
+UNREAD_BY = {
+    "base-student": ("teacher_steps", "pq_mode", "pq_max_steps", "synthetic_steps", "eval_every", "early_stop",
+                     "synthetic_problems", "analysis_questions"),
+    "hard-only": ("teacher_steps", "synthetic_problems", "analysis_questions"),
+    "base": ("teacher_steps",),
+    "random": ("teacher_steps",),
+}
+
+
+def job_settings(bench: BenchConfig, method: str) -> dict[str, Any]:
+    """The settings that decide what ``method``'s job measures."""
+    skip = NOT_JOB_SETTINGS + UNREAD_BY.get(method, ())
+    return {k: v for k, v in dataclasses.asdict(bench).items() if k not in skip}
 
 
 def save_job(out: Path, bench: BenchConfig, method: str, seed: int, rows: dict[str, list[dict[str, Any]]],
@@ -323,7 +359,7 @@ def save_job(out: Path, bench: BenchConfig, method: str, seed: int, rows: dict[s
     path = job_path(out, method, seed)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"settings": job_settings(bench), "rows": rows, "teacher": teacher}, indent=1) + "\n")
+    tmp.write_text(json.dumps({"settings": job_settings(bench, method), "rows": rows, "teacher": teacher}, indent=1) + "\n")
     os.replace(tmp, path)
 
 
@@ -333,8 +369,9 @@ def load_job(out: Path, bench: BenchConfig, method: str, seed: int) -> dict[str,
     if not path.is_file():
         return None
     job = json.loads(path.read_text())
-    if job["settings"] != job_settings(bench):
-        changed = sorted(k for k in job_settings(bench) if job["settings"].get(k) != job_settings(bench)[k])
+    wanted = job_settings(bench, method)
+    changed = sorted(k for k in wanted if k not in job["settings"] or job["settings"][k] != wanted[k])
+    if changed:
         raise ValueError(f"{path} was measured with other settings ({', '.join(changed)}); "
                          f"use another --out or delete it")
     return job

@@ -329,7 +329,8 @@ def promoted_students_callback() -> Any:
         teacher.learn(envs, steps, callback=recorder)
         run_ps(student, recorder.states, hard_train, hard_test)
 
-    ``recorder.states[i]`` was promoted at teacher step ``recorder.steps[i]``.
+    ``recorder.states[i]`` was promoted at teacher step ``recorder.steps[i]``. On a resumed run the
+    first candidate is the checkpoint's baseline (the last promotion before the resume).
     """
     from agents.base import BaseCallback, env_core  # lazy: soar_env never imports agents at module level
 
@@ -338,6 +339,14 @@ def promoted_students_callback() -> Any:
             super().__init__()
             self.states: list[Any] = []
             self.steps: list[int] = []
+
+        def on_training_start(self) -> None:
+            # A run resumed from a checkpoint: its baseline is the last student promoted before the kill
+            # (the earlier promoted ones were only in the killed process's memory).
+            core = env_core(self.env)
+            if getattr(core, "promotions", 0) > 0 and not self.states:
+                self.states.append(core.student.baseline_state())
+                self.steps.append(int(getattr(self.teacher, "num_steps", 0)))
 
         def on_step(self, record: Any) -> bool:
             if record.promoted:

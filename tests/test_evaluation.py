@@ -191,6 +191,49 @@ def test_compare_teachers_keeps_finished_jobs_of_a_killed_study(tmp_path, monkey
 
     with pytest.raises(ValueError, match="other settings.*samples"):
         run_study(BenchConfig(seeds=1, **{**settings, "samples": 2}))
+    # Meta-training length is not read by these jobs: a study with other teacher steps keeps them.
+    calls.clear()
+    run_study(BenchConfig(seeds=2, teacher_steps=7, **settings))
+    assert calls == []
+
+
+def test_compare_teachers_resumes_a_soar_job_killed_after_meta_training(tmp_path, monkeypatch):
+    """The teacher's checkpoints outlive a killed job; the re-run continues them instead of starting over."""
+    import json
+
+    import soar_env.evaluation as evaluation
+    from benchmarks.compare_teachers import BenchConfig, run_study
+
+    settings = dict(preset="tiny", methods="soar", seeds=1, teacher_steps=2, pq_max_steps=2, eval_every=1,
+                    samples=4, test_size=4, analysis_questions=8, out=str(tmp_path), plots=False)
+    original = evaluation.run_pq
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt("session ended")
+
+    monkeypatch.setattr(evaluation, "run_pq", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run_study(BenchConfig(**settings))
+    assert not (tmp_path / "jobs" / "soar-seed0.json").exists()
+    assert (tmp_path / "soar-seed0" / "checkpoints" / "step_000002").is_dir()
+
+    calls = []
+
+    def counting(config, promoted, *args, **kwargs):
+        calls.append(kwargs.get("protocol"))
+        return original(config, promoted, *args, **kwargs)
+
+    monkeypatch.setattr(evaluation, "run_pq", counting)
+    results = run_study(BenchConfig(**settings))
+    teacher = json.loads((tmp_path / "jobs" / "soar-seed0.json").read_text())["teacher"]
+    assert teacher["resumed_at_step"] == 2 and teacher["compute"]["teacher_steps"] == 2
+    assert len(teacher["rewards"]) == 2  # the meta-training log came back with the checkpoint
+    grounded, soar_pq = results["rows"]["grounded"][0], results["rows"]["soar-pq"][0]
+    if teacher["pq_size"] == 0:  # no promotion: Grounded-T is the SOAR PQ run, not trained twice
+        assert calls == ["PQ"] and grounded["pass_at_k"] == soar_pq["pass_at_k"]
+        assert grounded["protocol"] == "Grounded-T" and "same run as SOAR PQ" in grounded["note"]
+    else:
+        assert calls == ["PQ", "Grounded-T"]
 
 
 def test_paper_table_has_paper_numbers():
@@ -218,3 +261,22 @@ def test_promoted_students_callback_keeps_each_promotion():
         assert recorder.on_step(StepRecord(step=step, batches=[], rewards=np.zeros(2), infos=[], promoted=promoted))
     assert recorder.steps == [2, 4]
     assert [float(s["w"][0]) for s in recorder.states] == [2.0, 4.0]
+
+
+def test_promoted_students_callback_on_a_resumed_run_starts_from_the_checkpoint_baseline():
+    from types import SimpleNamespace
+
+    from soar_env.evaluation import promoted_students_callback
+
+    fresh = SimpleNamespace(core=SimpleNamespace(promotions=0, student=None))
+    recorder = promoted_students_callback()
+    recorder.init_callback(teacher=SimpleNamespace(num_steps=0), env=fresh, logger=None)
+    recorder.on_training_start()
+    assert recorder.states == []  # nothing promoted yet: the base student is no PS candidate
+
+    baseline = {"w": torch.ones(2)}
+    resumed = SimpleNamespace(core=SimpleNamespace(promotions=2, student=SimpleNamespace(baseline_state=lambda: baseline)))
+    recorder = promoted_students_callback()
+    recorder.init_callback(teacher=SimpleNamespace(num_steps=5), env=resumed, logger=None)
+    recorder.on_training_start()
+    assert recorder.steps == [5] and recorder.states == [baseline]

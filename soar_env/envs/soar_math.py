@@ -339,10 +339,12 @@ class SOARCore:
 
     def run_dataset(self, problems: Sequence[Problem], rng: np.random.Generator) -> DatasetResult:
         """The reward of one dataset under the configured mode (the student ends at baseline)."""
-        return self.run_datasets([problems], rng)[0]
+        return self.run_datasets([problems], rng)[0][0]
 
-    def run_datasets(self, batches: Sequence[Sequence[Problem]], rng: np.random.Generator) -> list[DatasetResult]:
-        """Rewards of several datasets judged against the same baseline and Q_R.
+    def run_datasets(self, batches: Sequence[Sequence[Problem]],
+                     rng: np.random.Generator) -> tuple[list[DatasetResult], int]:
+        """Rewards of several datasets judged against the same baseline and Q_R, and the index of
+        the best one (first argmax; -1 for no batches): the only one whose median may be promoted.
 
         Seeds are drawn from ``rng`` dataset by dataset, repeat by repeat, before anything
         runs, so where the runs execute (in order here, or all at once on Ray) cannot change
@@ -381,7 +383,7 @@ class SOARCore:
         runner.keep_only(results[best].median_state if results and self.can_promote else None)
         if not self.can_promote and results:
             results[best].median_state = None
-        return results
+        return results, best
 
     def _dataset_specs(self, problems: Sequence[Problem], rng: np.random.Generator,
                        first_index: int) -> list[RunSpec]:

@@ -189,7 +189,6 @@ class SOARMathVectorEnv(CoreStateMixin, VectorEnv):
         self._steps += 1
         rewards = np.zeros(self.num_envs, dtype=np.float64)
         per_env: list[dict[str, Any]] = []
-        best_k, best_state, best_problems = -1, None, None
         train_s = eval_s = 0.0
         base_acc = self._baseline_accuracy
         inner_steps = self.core.inner_steps
@@ -197,7 +196,12 @@ class SOARMathVectorEnv(CoreStateMixin, VectorEnv):
         checked = [self.core.validate(batch) for batch in batches]
         valid_k = [k for k, (problems, _) in enumerate(checked) if problems]
         # All valid datasets go to the runner together, so a parallel backend runs g x r at once.
-        results = dict(zip(valid_k, self.core.run_datasets([checked[k][0] for k in valid_k], self.np_random)))
+        dataset_results, best = self.core.run_datasets([checked[k][0] for k in valid_k], self.np_random)
+        results = dict(zip(valid_k, dataset_results))
+        best_k = valid_k[best] if best >= 0 else -1
+        best_state = dataset_results[best].median_state if best >= 0 else None
+        best_problems = checked[best_k][0] if best >= 0 else None
+        del dataset_results  # only the best dataset's median student can be promoted
         for k, (problems, rejected) in enumerate(checked):
             info: dict[str, Any] = {"num_valid": len(problems), "num_rejected": len(rejected),
                                     "rejected": rejected, "problems": tuple(problems)}
@@ -210,12 +214,9 @@ class SOARMathVectorEnv(CoreStateMixin, VectorEnv):
                 rewards[k] = float(result.reward)
                 train_s += result.train_seconds
                 eval_s += result.eval_seconds
-                if best_k < 0 or rewards[k] > rewards[best_k]:
-                    best_k, best_state, best_problems = k, result.median_state, problems
                 info.update(invalid_action=False, reason=None, tokens=int(result.tokens), **_flat(result))
             info["reward"] = float(rewards[k])
             per_env.append(info)
-        # Only the best dataset's median student can be promoted; the other trained states go now.
         results.clear()
 
         promoted_k = -1
