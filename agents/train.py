@@ -238,8 +238,12 @@ def _default_run_dir(train: TrainConfig) -> Path:
 
 
 def plan_run(train_options: dict[str, Any], teacher_overrides: dict[str, Any],
-             env_overrides: dict[str, Any]) -> RunPlan:
-    """Validate every setting and resolve the run; raises ValueError/FileNotFoundError/ImportError."""
+             env_overrides: dict[str, Any], *, allow_finished: bool = False) -> RunPlan:
+    """Validate every setting and resolve the run; raises ValueError/FileNotFoundError/ImportError.
+
+    ``allow_finished``: a resumed run whose checkpoints already reach ``steps`` is planned too
+    (learning then only restores it), for callers that want the trained teacher and env back.
+    """
     from agents.base import checkpoint_dirs
     from agents.rloo_teacher import TeacherConfig, make_teacher_config
 
@@ -268,7 +272,8 @@ def plan_run(train_options: dict[str, Any], teacher_overrides: dict[str, Any],
         env = make_config(EnvConfig(**saved["env"]))
         teacher_config = TeacherConfig(**saved["teacher_config"])
         teacher_class = resolve_teacher_class(train.teacher)
-        if train.total_steps <= int(checkpoint_dirs(run_dir)[-1].name.split("_", 1)[1]):
+        done = int(checkpoint_dirs(run_dir)[-1].name.split("_", 1)[1])
+        if train.total_steps < done or (train.total_steps == done and not allow_finished):
             raise ValueError(f"--resume {resume}: the run already has {checkpoint_dirs(run_dir)[-1].name}; "
                              f"pass --steps larger than that to continue it")
         return RunPlan(train, env, teacher_config, teacher_class, run_dir, resuming=True)

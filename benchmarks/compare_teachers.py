@@ -145,32 +145,23 @@ def _teacher_run(bench: BenchConfig, method: str, seed: int, out: Path) -> dict[
     import soar_env  # noqa: F401  (registers the env ids)
     from agents.base import checkpoint_dirs, env_core
     from agents.logger import Logger
-    from agents.train import DEFAULT_STEPS, RESUMABLE, RUN_CONFIG, build_teacher, plan_run
+    from agents.train import DEFAULT_STEPS, RUN_CONFIG, build_teacher, plan_run
     from soar_env.evaluation import promoted_students_callback
 
     run_dir = out / f"{method}-seed{seed}"
     steps = bench.teacher_steps or DEFAULT_STEPS.get(bench.preset, 10)
     options = {"teacher": TEACHER_OF[method], "preset": bench.preset, "steps": steps, "run_dir": str(run_dir),
                "progress": False, "threads": bench.threads}
-    # A job killed during or after meta-training (a session that ended) continues from its last checkpoint.
+    # A job killed during or after meta-training (a session that ended) continues from its last
+    # checkpoint; plan_run checks that the folder's run was started with these settings.
     found = checkpoint_dirs(run_dir) if method in META_TRAINED else []
     resumed_at = int(found[-1].name.split("_", 1)[1]) if found else 0
-    if resumed_at > steps:
-        raise ValueError(f"{run_dir} holds {found[-1].name}, more than --teacher-steps {steps}: use another --out")
-    # Planned as a fresh run (plan_run refuses a folder with checkpoints, and its resume path wants
-    # steps beyond the last one, which a finished meta-training has not); the folder is checked here.
-    plan = plan_run({**options, "run_dir": None}, {}, {"seed": seed})
-    plan = dataclasses.replace(plan, train=dataclasses.replace(plan.train, run_dir=str(run_dir)), run_dir=run_dir)
-    settings = json.loads(json.dumps({"train": dataclasses.asdict(plan.train), "env": plan.env.to_dict(),
-                                      "teacher_config": plan.teacher_config.to_dict()}))
-
-    def measured(run: dict[str, Any]) -> dict[str, Any]:
-        return {**run, "train": {k: v for k, v in run["train"].items() if k not in RESUMABLE}}
-
-    if found and measured(json.loads((run_dir / RUN_CONFIG).read_text())) != measured(settings):
-        raise ValueError(f"{run_dir} holds a teacher run with other settings; use another --out")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / RUN_CONFIG).write_text(json.dumps(settings, indent=2) + "\n")
+    plan = plan_run({**options, "resume": str(run_dir)} if found else options, {}, {"seed": seed},
+                    allow_finished=True)
+    if not found:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / RUN_CONFIG).write_text(json.dumps({"train": dataclasses.asdict(plan.train), "env": plan.env.to_dict(),
+                                                      "teacher_config": plan.teacher_config.to_dict()}, indent=2) + "\n")
     envs = gym.make_vec("SOAR-MATH-v0", num_envs=plan.env.num_datasets, config=plan.env)
     teacher = build_teacher(plan)
     start = time.perf_counter()

@@ -344,7 +344,7 @@ def promoted_students_callback() -> Any:
             # A run resumed from a checkpoint: its baseline is the last student promoted before the kill
             # (the earlier promoted ones were only in the killed process's memory).
             core = env_core(self.env)
-            if getattr(core, "promotions", 0) > 0 and not self.states:
+            if core.promotions > 0 and not self.states:
                 self.states.append(core.student.baseline_state())
                 self.steps.append(int(getattr(self.teacher, "num_steps", 0)))
 
