@@ -394,20 +394,23 @@ def analysis_table(analysis: dict[str, Any]) -> str:
     """Markdown: one row per teacher's sampled questions."""
     if not analysis:
         return ""
-    lines = ["| questions of | n | Vendi (TF-IDF) | duplicates | well-posed | correct (checkable) | contaminated | "
-             "word / equation |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| questions of | n | Vendi (embedding) | Vendi (TF-IDF) | duplicates | well-posed | correct (checkable) "
+             "| contaminated | word / equation |", "|---|---|---|---|---|---|---|---|---|"]
     for row in ROW_ORDER:
         report = analysis.get(row)
         if not report or "error" in report:
             continue
         correct = report["correct_rate_checkable"]
-        lines.append(f"| {ROW_NAMES[row]} | {report['questions']} | {report['vendi_tfidf']:.1f} | "
+        embedding = report.get("vendi_embedding")
+        lines.append(f"| {ROW_NAMES[row]} | {report['questions']} | {'–' if embedding is None else f'{embedding:.1f}'} | "
+                     f"{report['vendi_tfidf']:.1f} | "
                      f"{report['duplicate_rate']:.0%} | {report['well_posed_rate']:.0%} | "
                      f"{'–' if correct is None else f'{correct:.0%}'} ({report['checkable_rate']:.0%}) | "
                      f"{report['contamination_rate']:.0%} | {report['style']['word']:.0%} / "
                      f"{report['style']['equation']:.0%} |")
-    return ("\nQuestion analysis (first seed; Vendi with the offline TF-IDF kernel; paper, embedding kernel: "
-            "Base-T ~35, Grounded-T 32-35, Intrinsic-T ~11 of 128):\n\n" + "\n".join(lines) + "\n")
+    return ("\nQuestion analysis (first seed; Vendi with all-MiniLM-L6-v2 embeddings, – when not installed, and "
+            "with the offline TF-IDF kernel; paper, embedding kernel: Base-T ~35, Grounded-T 32-35, Intrinsic-T ~11 "
+            "of 128):\n\n" + "\n".join(lines) + "\n")
 
 
 def aggregate(rows: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:

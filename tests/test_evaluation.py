@@ -157,7 +157,12 @@ def test_compare_teachers_smoke(tmp_path):
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["analysis"]["random"]["questions"] == 8
     text = (tmp_path / "results.md").read_text()
-    assert "| Hard-Only | 2 |" in text and "Vendi" in text
+    assert "| Hard-Only | 2 |" in text and "Vendi (TF-IDF)" in text
+    from soar_env.analysis import embedding_model_path
+
+    if embedding_model_path() is not None:  # the paper's kernel is reported whenever the model is installed
+        embedding = saved["analysis"]["random"]["vendi_embedding"]
+        assert 1.0 <= embedding <= 8 and f"| Random | 8 | {embedding:.1f} |" in text
 
 
 def test_compare_teachers_keeps_finished_jobs_of_a_killed_study(tmp_path, monkeypatch):
