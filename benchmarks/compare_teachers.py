@@ -1,6 +1,6 @@
 """Teacher comparison the way the paper makes it: PQ / PS / baselines, pass@k with bootstrap CIs.
 
-    OMP_NUM_THREADS=1 python -m benchmarks.compare_teachers --preset cpu --seeds 3 --out runs/compare-cpu
+    python -m benchmarks.compare_teachers --preset cpu --seeds 3 --workers 2 --out runs/compare-cpu
     OMP_NUM_THREADS=1 python -m benchmarks.compare_teachers --quick            # smoke test, < 15 min on 2 cores
     soar bench --quick                                                         # the same
 
@@ -8,6 +8,9 @@ Each finished (method, seed) job is written to ``OUT/jobs/``; running the same c
 same ``--out`` again keeps those jobs and runs only the missing ones, so a study of many hours
 survives a killed run, and can be spread over several sessions (``--seeds``, ``--methods``)
 that add up in one table. Jobs measured with other settings are refused, never mixed in.
+``--workers N`` runs N jobs at once, each in its own process with ``--threads`` torch threads
+(on a 2-core CPU: ``--workers 2 --threads 1``, which uses both cores). A job that
+fails is listed in the results with its error; the others still run, and a re-run retries it.
 
 For each seed and method:
 
@@ -106,6 +109,8 @@ class BenchConfig:
     """Smoke test: tiny preset, 1 seed, smallest loops; overrides the sizes above."""
     threads: int = 1
     """Torch CPU threads (1 is fastest on a busy machine)."""
+    workers: int = 1
+    """(method, seed) jobs run at once, each in its own process with ``threads`` threads (2 on a 2-core CPU)."""
     plots: bool = True
     """Draw plots when matplotlib is installed."""
 
@@ -118,6 +123,8 @@ class BenchConfig:
             raise ValueError(f"unknown methods {unknown}; valid: {', '.join(METHODS)}")
         if self.seeds < 1:
             raise ValueError(f"seeds must be >= 1, got {self.seeds}")
+        if self.workers < 1:
+            raise ValueError(f"workers must be >= 1, got {self.workers}")
 
     @property
     def method_list(self) -> list[str]:
@@ -224,104 +231,157 @@ def _teacher_run(bench: BenchConfig, method: str, seed: int, out: Path) -> dict[
 # ---------------------------------------------------------------------------------------------
 
 
-def run_study(bench: BenchConfig) -> dict[str, Any]:
-    """Every (method, seed) job within the budget; returns (and writes) the results."""
+def run_job(bench: BenchConfig, method: str, seed: int) -> dict[str, Any]:
+    """Run one (method, seed) job and write its job file; returns what the file holds.
+
+    A job is self-contained (it builds its own students and teacher), so jobs can run in other processes.
+    """
     import torch
 
     from soar_env.config import make_config
     from soar_env.envs.soar_math import build_student
-    from soar_env.evaluation import hard_splits, run_pq, run_ps, test_pass_at_k
+    from soar_env.evaluation import ProtocolResult, hard_splits, run_pq, run_ps, test_pass_at_k
 
     torch.set_num_threads(bench.threads)
     out = Path(bench.out)
-    out.mkdir(parents=True, exist_ok=True)
     evaluation = bench.evaluation()
+    config = make_config(bench.preset, seed=seed)
+    hard_train, hard_test = hard_splits(config, seed=seed)
     started = time.perf_counter()
     rows: dict[str, list[dict[str, Any]]] = {}
-    teachers: dict[str, list[dict[str, Any]]] = {}
-    skipped: list[str] = []
-
-    job_rows: dict[str, list[dict[str, Any]]] = {}
-    """Rows of the (method, seed) job in progress, written to its job file when it ends."""
 
     def add(row: str, result: Any, extra: dict[str, Any] | None = None) -> None:
         entry = result.to_dict()
         entry.update(extra or {})
         rows.setdefault(row, []).append(entry)
-        job_rows.setdefault(row, []).append(entry)
         print(f"[{time.perf_counter() - started:6.0f}s] {ROW_NAMES[row]:12s} seed {result.seed}: "
               + " ".join(f"pass@{k} {100 * v:.1f}" for k, v in result.pass_at_k.items())
-              + f"  ({result.student_steps} steps, {result.seconds:.0f} s, {result.train_seconds:.0f} s training){'  ' + result.note if result.note else ''}",
-              flush=True)
+              + f"  ({result.student_steps} steps, {result.seconds:.0f} s, {result.train_seconds:.0f} s training)"
+              + (f"  {result.note}" if result.note else ""), flush=True)
 
-    for seed in range(bench.first_seed, bench.first_seed + bench.seeds):
-        config = make_config(bench.preset, seed=seed)
-        hard_train, hard_test = hard_splits(config, seed=seed)
-        for method in bench.method_list:
-            elapsed = (time.perf_counter() - started) / 60
-            done = load_job(out, bench, method, seed)
-            if done is not None:  # finished by an earlier (maybe killed) run with these settings
-                for row, entries in done["rows"].items():
-                    rows.setdefault(row, []).extend(entries)
-                if done["teacher"] is not None:
-                    teachers.setdefault(method, []).append(done["teacher"])
-                print(f"[{time.perf_counter() - started:6.0f}s] {method} seed {seed}: kept from "
-                      f"{job_path(out, method, seed)}", flush=True)
-                continue
-            if bench.budget_minutes is not None and elapsed > bench.budget_minutes:
+    teacher_info: dict[str, Any] | None = None
+    if method == "base-student":
+        t0 = time.perf_counter()
+        scores, test = test_pass_at_k(build_student(config), hard_test, evaluation, seed=seed,
+                                      max_new_tokens=config.eval_tokens)
+        add(method, ProtocolResult("base", seed, scores, list(test.correct), evaluation.samples,
+                                   tokens=test.tokens, seconds=time.perf_counter() - t0))
+    elif method == "hard-only":
+        add(method, run_pq(config, [], hard_train, hard_test, evaluation, seed=seed, protocol="Hard-Only"))
+    else:
+        run = _teacher_run(bench, method, seed, out)
+        teacher_info = run["info"]
+        extra = {"meta": teacher_info["compute"]}
+        synthetic = run["sampled"][: bench.synthetic_problems or len(run["sampled"])]
+        if method in ("soar", "sb3"):
+            pq = run["promoted"]
+            note = "" if pq else "no promotion: trained on the teacher's sampled problems instead"
+            result = run_pq(config, pq or synthetic, hard_train, hard_test, evaluation, seed=seed, protocol="PQ")
+            result.note = "; ".join(x for x in (result.note, note) if x)
+            add("soar-pq" if method == "soar" else "sb3", result, extra)
+            if method == "soar":
+                student = run["student"] or build_student(config)
+                add("soar-ps", run_ps(student, run["states"], hard_train, hard_test, evaluation, seed=seed,
+                                      config=config), extra)
+                if pq:
+                    grounded = run_pq(config, synthetic, hard_train, hard_test, evaluation, seed=seed,
+                                      protocol="Grounded-T")
+                else:  # SOAR PQ above already trained on exactly these problems with this seed
+                    grounded = dataclasses.replace(result, protocol="Grounded-T",
+                                                   note="same run as SOAR PQ (no promotion, so PQ = the sampled problems)")
+                add("grounded", grounded, extra)
+        else:
+            add(method, run_pq(config, synthetic, hard_train, hard_test, evaluation, seed=seed,
+                               protocol=ROW_NAMES[method]), extra)
+    return save_job(out, bench, method, seed, rows, teacher_info)
+
+
+def _run_job_in_worker(bench: BenchConfig, method: str, seed: int) -> None:
+    """Entry point of a worker process: its own torch threads, the job file is the result."""
+    os.environ.setdefault("OMP_NUM_THREADS", str(bench.threads))
+    run_job(bench, method, seed)
+
+
+def run_study(bench: BenchConfig) -> dict[str, Any]:
+    """Every (method, seed) job within the budget, ``workers`` at a time; returns (and writes) the results.
+
+    Finished jobs are read back from their files, so the table is the same whichever process ran a job
+    and in whichever order they ended. A job that fails is listed with its error and the study goes on.
+    """
+    from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+    from multiprocessing import get_context
+
+    out = Path(bench.out)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    jobs = [(method, seed) for seed in range(bench.first_seed, bench.first_seed + bench.seeds)
+            for method in bench.method_list]
+    # Refuse a folder whose finished jobs were measured otherwise before running anything.
+    missing = [(method, seed) for method, seed in jobs if load_job(out, bench, method, seed) is None]
+    for method, seed in jobs:
+        if (method, seed) not in missing:
+            print(f"{method} seed {seed}: kept from {job_path(out, method, seed)}", flush=True)
+    skipped: list[str] = []
+    failed: dict[str, str] = {}
+
+    def over_budget() -> bool:
+        return bench.budget_minutes is not None and (time.perf_counter() - started) / 60 > bench.budget_minutes
+
+    def finished(method: str, seed: int, error: BaseException | None) -> None:
+        if error is not None:
+            failed[f"{method}/seed{seed}"] = f"{type(error).__name__}: {error}"
+            print(f"{method} seed {seed}: FAILED ({failed[f'{method}/seed{seed}']}); the study goes on", flush=True)
+        write_results(bench, out, *collect(bench, out), skipped, failed, time.perf_counter() - started)
+
+    if bench.workers == 1:
+        for method, seed in missing:
+            if over_budget():
                 skipped.append(f"{method}/seed{seed}")
                 continue
-            job_rows.clear()
-            teacher_info: dict[str, Any] | None = None
-            if method == "base-student":
-                student = build_student(config)
-                t0 = time.perf_counter()
-                scores, test = test_pass_at_k(student, hard_test, evaluation, seed=seed, max_new_tokens=config.eval_tokens)
-                from soar_env.evaluation import ProtocolResult
-
-                add(method, ProtocolResult("base", seed, scores, list(test.correct), evaluation.samples,
-                                           tokens=test.tokens, seconds=time.perf_counter() - t0))
-                save_job(out, bench, method, seed, job_rows, None)
-                continue
-            if method == "hard-only":
-                add(method, run_pq(config, [], hard_train, hard_test, evaluation, seed=seed, protocol="Hard-Only"))
-                save_job(out, bench, method, seed, job_rows, None)
-                continue
-            run = _teacher_run(bench, method, seed, out)
-            teacher_info = run["info"]
-            teachers.setdefault(method, []).append(teacher_info)
-            extra = {"meta": run["info"]["compute"]}
-            synthetic = run["sampled"][: bench.synthetic_problems or len(run["sampled"])]
-            if method in ("soar", "sb3"):
-                pq = run["promoted"]
-                note = "" if pq else "no promotion: trained on the teacher's sampled problems instead"
-                result = run_pq(config, pq or synthetic, hard_train, hard_test, evaluation, seed=seed, protocol="PQ")
-                result.note = "; ".join(x for x in (result.note, note) if x)
-                add("soar-pq" if method == "soar" else "sb3", result, extra)
-                if method == "soar":
-                    student = run["student"] or build_student(config)
-                    add("soar-ps", run_ps(student, run["states"], hard_train, hard_test, evaluation, seed=seed,
-                                          config=config), extra)
-                    if pq:
-                        grounded = run_pq(config, synthetic, hard_train, hard_test, evaluation, seed=seed,
-                                          protocol="Grounded-T")
-                    else:  # SOAR PQ above already trained on exactly these problems with this seed
-                        grounded = dataclasses.replace(result, protocol="Grounded-T",
-                                                       note="same run as SOAR PQ (no promotion, so PQ = the sampled problems)")
-                    add("grounded", grounded, extra)
-            else:
-                add(method, run_pq(config, synthetic, hard_train, hard_test, evaluation, seed=seed,
-                                   protocol=ROW_NAMES[method]), extra)
-            save_job(out, bench, method, seed, job_rows, teacher_info)
-            # Free the models before the next job (2 cores, little memory to spare).
-            del run
-        write_results(bench, out, rows, teachers, skipped, time.perf_counter() - started)
+            try:
+                run_job(bench, method, seed)
+                finished(method, seed, None)
+            except Exception as error:  # noqa: BLE001 - one broken job must not cost the others
+                finished(method, seed, error)
+    else:
+        queue = list(missing)
+        running: dict[Future[None], tuple[str, int]] = {}
+        with ProcessPoolExecutor(bench.workers, mp_context=get_context("spawn")) as pool:
+            while queue or running:
+                while queue and len(running) < bench.workers:
+                    method, seed = queue.pop(0)
+                    if over_budget():
+                        skipped.append(f"{method}/seed{seed}")
+                        continue
+                    running[pool.submit(_run_job_in_worker, bench, method, seed)] = (method, seed)
+                if not running:
+                    break
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in done:
+                    method, seed = running.pop(future)
+                    finished(method, seed, future.exception())
     analysis = analyze_teachers(bench, out)
-    return write_results(bench, out, rows, teachers, skipped, time.perf_counter() - started, analysis)
+    return write_results(bench, out, *collect(bench, out), skipped, failed, time.perf_counter() - started, analysis)
+
+
+def collect(bench: BenchConfig, out: Path) -> tuple[dict[str, list[dict[str, Any]]], dict[str, list[dict[str, Any]]]]:
+    """Rows and teacher infos of every finished job of this study, in seed-then-method order."""
+    rows: dict[str, list[dict[str, Any]]] = {}
+    teachers: dict[str, list[dict[str, Any]]] = {}
+    for seed in range(bench.first_seed, bench.first_seed + bench.seeds):
+        for method in bench.method_list:
+            job = load_job(out, bench, method, seed)
+            if job is None:
+                continue
+            for row, entries in job["rows"].items():
+                rows.setdefault(row, []).extend(entries)
+            if job["teacher"] is not None:
+                teachers.setdefault(method, []).append(job["teacher"])
+    return rows, teachers
 
 
 # Settings that change which jobs run or how fast, not what a finished job measured.
-NOT_JOB_SETTINGS = ("methods", "seeds", "first_seed", "budget_minutes", "out", "threads", "plots")
+NOT_JOB_SETTINGS = ("methods", "seeds", "first_seed", "budget_minutes", "out", "threads", "workers", "plots")
 
 
 def job_path(out: Path, method: str, seed: int) -> Path:
@@ -345,13 +405,15 @@ def job_settings(bench: BenchConfig, method: str) -> dict[str, Any]:
 
 
 def save_job(out: Path, bench: BenchConfig, method: str, seed: int, rows: dict[str, list[dict[str, Any]]],
-             teacher: dict[str, Any] | None) -> None:
+             teacher: dict[str, Any] | None) -> dict[str, Any]:
     """One finished (method, seed) job, written atomically: a killed study loses only the job in flight."""
     path = job_path(out, method, seed)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"settings": job_settings(bench, method), "rows": rows, "teacher": teacher}, indent=1) + "\n")
+    job = {"settings": job_settings(bench, method), "rows": rows, "teacher": teacher}
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(job, indent=1) + "\n")
     os.replace(tmp, path)
+    return job
 
 
 def load_job(out: Path, bench: BenchConfig, method: str, seed: int) -> dict[str, Any] | None:
@@ -462,13 +524,14 @@ def markdown_table(bench: BenchConfig, table: dict[str, Any]) -> str:
 
 
 def write_results(bench: BenchConfig, out: Path, rows: dict[str, Any], teachers: dict[str, Any], skipped: list[str],
-                  seconds: float, analysis: dict[str, Any] | None = None) -> dict[str, Any]:
+                  failed: dict[str, str], seconds: float, analysis: dict[str, Any] | None = None) -> dict[str, Any]:
     table = aggregate(rows) if rows else {}
     results = {"config": dataclasses.asdict(bench), "rows": rows, "table": table, "teachers": teachers,
-               "analysis": analysis or {}, "skipped": skipped, "wall_seconds": round(seconds, 1)}
+               "analysis": analysis or {}, "skipped": skipped, "failed": failed, "wall_seconds": round(seconds, 1)}
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (out / "results.md").write_text(markdown_table(bench, table) + analysis_table(analysis or {})
-                                    + (f"\nSkipped (budget): {', '.join(skipped)}\n" if skipped else ""))
+                                    + (f"\nSkipped (budget): {', '.join(skipped)}\n" if skipped else "")
+                                    + "".join(f"\nFailed: {job}: {error}\n" for job, error in failed.items()))
     if bench.plots:
         plot(out, table, teachers)
     return results
@@ -547,7 +610,9 @@ def run_from_args(args: argparse.Namespace) -> int:
     results = run_study(bench)
     print(markdown_table(bench, results["table"]) + analysis_table(results.get("analysis", {})))
     print(f"wrote {Path(bench.out) / 'results.json'} and results.md ({results['wall_seconds']:.0f} s)")
-    return 0
+    for job, error in results["failed"].items():
+        print(f"failed: {job}: {error}", file=sys.stderr)
+    return 1 if results["failed"] else 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -200,6 +201,48 @@ def test_compare_teachers_keeps_finished_jobs_of_a_killed_study(tmp_path, monkey
     calls.clear()
     run_study(BenchConfig(seeds=2, teacher_steps=7, **settings))
     assert calls == []
+
+
+def test_compare_teachers_workers_give_the_same_table_as_one_process(tmp_path):
+    """Jobs in two worker processes measure what one process measures; the table reads the job files in order."""
+    from benchmarks.compare_teachers import BenchConfig, run_study
+
+    settings = dict(preset="tiny", methods="base-student,random", seeds=2, pq_max_steps=2, eval_every=1, samples=4,
+                    test_size=4, analysis_questions=8, plots=False)
+    one = run_study(BenchConfig(out=str(tmp_path / "one"), **settings))
+    two = run_study(BenchConfig(out=str(tmp_path / "two"), workers=2, **settings))
+    assert sorted(p.name for p in (tmp_path / "two" / "jobs").iterdir()) == [
+        "base-student-seed0.json", "base-student-seed1.json", "random-seed0.json", "random-seed1.json"]
+    for row in ("base-student", "random"):
+        assert [e["correct"] for e in two["rows"][row]] == [e["correct"] for e in one["rows"][row]]
+        assert [e["seed"] for e in two["rows"][row]] == [0, 1]
+    assert two["table"]["random"]["pass_at_k"] == one["table"]["random"]["pass_at_k"]
+    assert two["failed"] == {} and two["skipped"] == []
+
+
+def test_compare_teachers_records_a_failed_job_and_goes_on(tmp_path, monkeypatch, capsys):
+    import soar_env.evaluation as evaluation
+    from benchmarks.compare_teachers import main
+
+    original = evaluation.run_pq
+
+    def broken_for_seed_0(config, *args, **kwargs):
+        if kwargs.get("seed") == 0:
+            raise RuntimeError("loss became NaN")
+        return original(config, *args, **kwargs)
+
+    monkeypatch.setattr(evaluation, "run_pq", broken_for_seed_0)
+    argv = ["--preset", "tiny", "--methods", "hard-only,base-student", "--seeds", "2", "--pq-max-steps", "2",
+            "--eval-every", "1", "--samples", "4", "--test-size", "4", "--no-plots", "--out", str(tmp_path)]
+    assert main(argv) == 1  # the command says something failed ...
+    assert "failed: hard-only/seed0: RuntimeError: loss became NaN" in capsys.readouterr().err
+    results = json.loads((tmp_path / "results.json").read_text())  # ... after every other job ran
+    assert results["failed"] == {"hard-only/seed0": "RuntimeError: loss became NaN"}
+    assert results["table"]["hard-only"]["seeds"] == 1 and results["table"]["base-student"]["seeds"] == 2
+    assert "Failed: hard-only/seed0" in (tmp_path / "results.md").read_text()
+    monkeypatch.setattr(evaluation, "run_pq", original)
+    assert main(argv) == 0  # a re-run runs only the failed job
+    assert json.loads((tmp_path / "results.json").read_text())["table"]["hard-only"]["seeds"] == 2
 
 
 def test_compare_teachers_resumes_a_soar_job_killed_after_meta_training(tmp_path, monkeypatch):
