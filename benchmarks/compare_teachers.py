@@ -26,7 +26,8 @@ For each seed and method:
 
 Every method is tested on the same hard-test problems with ``samples`` sampled solutions each.
 Writes ``results.json``, ``results.md`` (paper-style table; the paper's MATH numbers beside
-ours), ``plots/*.png`` (when matplotlib is installed), one run dir per meta-trained teacher
+ours), ``plots/*.png`` (when matplotlib is installed), ``tensorboard/`` (each fresh student's
+held-out curve and test pass@k), one run dir per meta-trained teacher
 (TensorBoard, progress.csv, pq.jsonl, checkpoints) and ``questions.jsonl`` per teacher for
 ``soar analyze``.
 """
@@ -361,7 +362,9 @@ def run_study(bench: BenchConfig) -> dict[str, Any]:
                     method, seed = running.pop(future)
                     finished(method, seed, future.exception())
     analysis = analyze_teachers(bench, out)
-    return write_results(bench, out, *collect(bench, out), skipped, failed, time.perf_counter() - started, analysis)
+    rows, teachers = collect(bench, out)
+    write_tensorboard(out, rows)
+    return write_results(bench, out, rows, teachers, skipped, failed, time.perf_counter() - started, analysis)
 
 
 def collect(bench: BenchConfig, out: Path) -> tuple[dict[str, list[dict[str, Any]]], dict[str, list[dict[str, Any]]]]:
@@ -535,6 +538,29 @@ def write_results(bench: BenchConfig, out: Path, rows: dict[str, Any], teachers:
     if bench.plots:
         plot(out, table, teachers)
     return results
+
+
+def write_tensorboard(out: Path, rows: dict[str, list[dict[str, Any]]]) -> Path:
+    """``OUT/tensorboard``, one run per (row, seed): the fresh student's held-out curve and its test pass@k.
+
+    Written anew from the job files at the end of a study, so a resumed study never duplicates events.
+    ``test/pass_at_k`` is plotted against k (its "step"); meta-training runs have their own folders.
+    """
+    import shutil
+
+    from agents.logger import TensorBoardWriter
+
+    folder = out / "tensorboard"
+    shutil.rmtree(folder, ignore_errors=True)
+    for row, entries in rows.items():
+        for entry in entries:
+            writer = TensorBoardWriter(folder / f"{row}-seed{entry['seed']}")
+            for step, accuracy in entry.get("curve") or []:
+                writer.write({"pq/heldout_greedy_accuracy": accuracy}, int(step))
+            for k, value in entry["pass_at_k"].items():
+                writer.write({"test/pass_at_k": 100 * value}, int(k))
+            writer.close()
+    return folder
 
 
 def plot(out: Path, table: dict[str, Any], teachers: dict[str, Any]) -> list[Path]:

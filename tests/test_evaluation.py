@@ -159,6 +159,12 @@ def test_compare_teachers_smoke(tmp_path):
     assert saved["analysis"]["random"]["questions"] == 8
     text = (tmp_path / "results.md").read_text()
     assert "| Hard-Only | 2 |" in text and "Vendi (TF-IDF)" in text
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = EventAccumulator(str(tmp_path / "tensorboard" / "hard-only-seed1")).Reload()
+    logged = {event.step: event.value for event in run.Scalars("test/pass_at_k")}
+    assert logged == pytest.approx({int(k): 100 * v for k, v in results["rows"]["hard-only"][1]["pass_at_k"].items()})
+    assert [e.step for e in run.Scalars("pq/heldout_greedy_accuracy")] == [s for s, _ in results["rows"]["hard-only"][1]["curve"]]
     from soar_env.analysis import embedding_model_path
 
     if embedding_model_path() is not None:  # the paper's kernel is reported whenever the model is installed
