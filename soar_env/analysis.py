@@ -246,10 +246,42 @@ def arithmetic_expression(question: str) -> str | None:
     return text
 
 
+MAX_CHECKED_DIGITS = 1000
+"""A question whose value may need more digits than this is not checked (``9^9^9`` has 370 million)."""
+
+
+def digits_bound(expression: str) -> float:
+    """An upper bound on the decimal digits of any number met while evaluating ``expression``; inf if unreadable.
+
+    Computed from the syntax tree alone, so a teacher's ``9^9^9`` is refused before sympy spends
+    minutes and gigabytes building it (this runs in-process, unlike grading).
+    """
+    import ast
+
+    def log10_bound(node: ast.AST) -> float:  # >= log10 of the magnitude of every value in the subtree
+        if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)):
+            return math.log10(max(abs(node.value), 1))
+        if isinstance(node, ast.UnaryOp):
+            return log10_bound(node.operand)
+        if isinstance(node, ast.BinOp):
+            left, right = log10_bound(node.left), log10_bound(node.right)
+            if isinstance(node.op, (ast.Add, ast.Sub)):
+                return max(left, right) + math.log10(2)
+            if isinstance(node.op, ast.Pow):  # |a^b| <= 10^(left * |b|); 1/a^b has as many digits
+                return left * 10 ** right if right < 300 else math.inf
+            return left + right  # * and / (a fraction keeps numerator and denominator digits)
+        return math.inf
+
+    try:
+        return log10_bound(ast.parse(expression, mode="eval").body) + 1
+    except (SyntaxError, ValueError, OverflowError, RecursionError):
+        return math.inf
+
+
 def check_answer(question: str, answer: str) -> bool | None:
     """True/False when the question is pure arithmetic (sympy + `verify.grade`); None when uncheckable."""
     expression = arithmetic_expression(question)
-    if expression is None:
+    if expression is None or digits_bound(expression) > MAX_CHECKED_DIGITS:
         return None
     try:
         import sympy
@@ -436,6 +468,7 @@ __all__ = [
     "analyze_run",
     "check_answer",
     "contamination",
+    "digits_bound",
     "duplicate_rate",
     "embed_texts",
     "embedding_model_path",

@@ -9,6 +9,7 @@ from soar_env.analysis import (
     analyze_questions,
     check_answer,
     contamination,
+    digits_bound,
     duplicate_rate,
     embed_texts,
     embedding_model_path,
@@ -108,6 +109,17 @@ def test_answer_correctness_when_checkable():
     assert check_answer("Compute (3 + 4) * 5.", "35") is True
     assert check_answer("What is 7 / 2?", "3.5") is True
     assert check_answer("Find x such that 2x = 4.", "2") is None  # not pure arithmetic
+
+
+def test_a_giant_power_is_not_evaluated():
+    import time
+
+    assert digits_bound("2**10") < 5 and digits_bound("97*98") < 6 and digits_bound("9**9**9") > 3e8
+    assert digits_bound("1**(9**9**9)") == float("inf") and digits_bound("2 3") == float("inf")
+    start = time.perf_counter()
+    assert check_answer("What is 9^9^9?", "1") is None  # sympy would build a 370-million-digit integer
+    assert check_answer("What is 2^10?", "1024") is True
+    assert time.perf_counter() - start < 5
 
 
 def test_contamination_detects_copied_hard_problem():
