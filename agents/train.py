@@ -270,7 +270,10 @@ def plan_run(train_options: dict[str, Any], teacher_overrides: dict[str, Any],
         options["run_dir"] = str(run_dir)
         train = TrainConfig(**{k: v for k, v in options.items() if k != "resume"}, resume=str(run_dir))
         env = make_config(EnvConfig(**saved["env"]))
-        teacher_config = TeacherConfig(**saved["teacher_config"])
+        saved_teacher = dict(saved["teacher_config"])
+        if saved_teacher.get("micro_batch_size", 0) is None:  # runs from before micro-batching was the default:
+            saved_teacher.pop("micro_batch_size")            # the same gradient in bounded memory
+        teacher_config = TeacherConfig(**saved_teacher)
         teacher_class = resolve_teacher_class(train.teacher)
         done = int(checkpoint_dirs(run_dir)[-1].name.split("_", 1)[1])
         if train.total_steps < done or (train.total_steps == done and not allow_finished):

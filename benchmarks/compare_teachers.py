@@ -300,7 +300,10 @@ def run_job(bench: BenchConfig, method: str, seed: int) -> dict[str, Any]:
 def _run_job_in_worker(bench: BenchConfig, method: str, seed: int) -> None:
     """Entry point of a worker process: its own torch threads, the job file is the result."""
     os.environ.setdefault("OMP_NUM_THREADS", str(bench.threads))
-    run_job(bench, method, seed)
+    try:
+        run_job(bench, method, seed)
+    except Exception as error:  # noqa: BLE001 - some exceptions do not survive pickling back to the parent
+        raise RuntimeError(f"{type(error).__name__}: {error}") from None
 
 
 def run_study(bench: BenchConfig) -> dict[str, Any]:
@@ -310,6 +313,7 @@ def run_study(bench: BenchConfig) -> dict[str, Any]:
     and in whichever order they ended. A job that fails is listed with its error and the study goes on.
     """
     from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+    from concurrent.futures.process import BrokenProcessPool
     from multiprocessing import get_context
 
     out = Path(bench.out)
@@ -347,20 +351,42 @@ def run_study(bench: BenchConfig) -> dict[str, Any]:
     else:
         queue = list(missing)
         running: dict[Future[None], tuple[str, int]] = {}
-        with ProcessPoolExecutor(bench.workers, mp_context=get_context("spawn")) as pool:
+        pool = ProcessPoolExecutor(bench.workers, mp_context=get_context("spawn"))
+        try:
             while queue or running:
-                while queue and len(running) < bench.workers:
+                broken = False
+                while queue and len(running) < bench.workers and not broken:
                     method, seed = queue.pop(0)
                     if over_budget():
                         skipped.append(f"{method}/seed{seed}")
                         continue
-                    running[pool.submit(_run_job_in_worker, bench, method, seed)] = (method, seed)
-                if not running:
+                    try:
+                        running[pool.submit(_run_job_in_worker, bench, method, seed)] = (method, seed)
+                    except BrokenProcessPool:  # a worker died since the last wait: this job never started
+                        queue.insert(0, (method, seed))
+                        broken = True
+                if running and not broken:
+                    done, _ = wait(running, return_when=FIRST_COMPLETED)
+                    for future in done:
+                        method, seed = running.pop(future)
+                        finished(method, seed, future.exception())
+                    broken = any(isinstance(f.exception(), BrokenProcessPool) for f in done)
+                if broken:
+                    # A worker was killed (out of memory?): every job in flight is lost with the pool.
+                    # They are recorded as failed (a re-run retries them) and a new pool takes the rest.
+                    for method, seed in running.values():
+                        finished(method, seed, BrokenProcessPool("a worker process of the study died"))
+                    running.clear()
+                    pool.shutdown(wait=False)
+                    pool = ProcessPoolExecutor(bench.workers, mp_context=get_context("spawn"))
+                elif not running:
                     break
-                done, _ = wait(running, return_when=FIRST_COMPLETED)
-                for future in done:
-                    method, seed = running.pop(future)
-                    finished(method, seed, future.exception())
+        except KeyboardInterrupt:
+            for process in list(getattr(pool, "_processes", {}).values()):  # no public way to stop running jobs
+                process.terminate()
+            raise
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
     analysis = analyze_teachers(bench, out)
     rows, teachers = collect(bench, out)
     write_tensorboard(out, rows)

@@ -171,7 +171,13 @@ def vendi_embedding(texts: Sequence[str], model: str | None = None) -> float | N
     """Vendi score with the sentence-embedding cosine kernel (the paper's kind); None when no local model exists."""
     if not texts or (model is None and embedding_model_path() is None):
         return None
-    vectors = embed_texts(texts, model)
+    try:
+        vectors = embed_texts(texts, model)
+    except (OSError, ValueError) as error:  # e.g. a cache holding the config but not the weights
+        import warnings
+
+        warnings.warn(f"no embedding Vendi score: the sentence-embedding model did not load ({error})", stacklevel=2)
+        return None
     kernel = vectors @ vectors.T
     np.fill_diagonal(kernel, 1.0)  # exact 1 despite float rounding: K_ii = 1 is the Vendi convention
     return vendi_score(kernel)
@@ -254,26 +260,31 @@ def digits_bound(expression: str) -> float:
     """An upper bound on the decimal digits of any number met while evaluating ``expression``; inf if unreadable.
 
     Computed from the syntax tree alone, so a teacher's ``9^9^9`` is refused before sympy spends
-    minutes and gigabytes building it (this runs in-process, unlike grading).
+    minutes and gigabytes building it (this runs in-process, unlike grading). Every value is
+    bounded as an exact fraction p/q by its height log10(max(|p|, 1) * q), since sympy turns
+    floats into fractions: 0.0000001 is 1/10^7, and dividing by it is multiplying by 10^7.
     """
     import ast
+    from fractions import Fraction
 
-    def log10_bound(node: ast.AST) -> float:  # >= log10 of the magnitude of every value in the subtree
-        if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)):
-            return math.log10(max(abs(node.value), 1))
-        if isinstance(node, ast.UnaryOp):
-            return log10_bound(node.operand)
+    def height(node: ast.AST) -> float:  # >= log10(|p| * q) of the value and of every value inside it
+        if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)) and not isinstance(node.value, bool):
+            value = Fraction(repr(node.value)) if isinstance(node.value, float) else Fraction(node.value)
+            return math.log10(max(abs(value.numerator), 1)) + math.log10(value.denominator)
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+            return height(node.operand)
         if isinstance(node, ast.BinOp):
-            left, right = log10_bound(node.left), log10_bound(node.right)
-            if isinstance(node.op, (ast.Add, ast.Sub)):
-                return max(left, right) + math.log10(2)
-            if isinstance(node.op, ast.Pow):  # |a^b| <= 10^(left * |b|); 1/a^b has as many digits
+            left, right = height(node.left), height(node.right)
+            if isinstance(node.op, (ast.Add, ast.Sub)):  # a/b + c/d = (ad + bc) / bd
+                return left + right + math.log10(2)
+            if isinstance(node.op, (ast.Mult, ast.Div)):
+                return left + right
+            if isinstance(node.op, ast.Pow):  # (p/q)^e, |e| <= 10^right: each of p, q raised to |e|
                 return left * 10 ** right if right < 300 else math.inf
-            return left + right  # * and / (a fraction keeps numerator and denominator digits)
         return math.inf
 
     try:
-        return log10_bound(ast.parse(expression, mode="eval").body) + 1
+        return height(ast.parse(expression, mode="eval").body) + 1
     except (SyntaxError, ValueError, OverflowError, RecursionError):
         return math.inf
 
@@ -287,11 +298,11 @@ def check_answer(question: str, answer: str) -> bool | None:
         import sympy
 
         value = sympy.nsimplify(sympy.sympify(expression, evaluate=True))
+        gold = str(value).replace("**", "^")
     except Exception:  # noqa: BLE001 - a malformed expression is "not checkable", not an error
         return None
     from soar_env.verify import grade
 
-    gold = str(value).replace("**", "^")
     return bool(grade("\\boxed{" + str(answer) + "}", gold, require_box=True).correct)
 
 

@@ -116,6 +116,10 @@ def test_a_giant_power_is_not_evaluated():
 
     assert digits_bound("2**10") < 5 and digits_bound("97*98") < 6 and digits_bound("9**9**9") > 3e8
     assert digits_bound("1**(9**9**9)") == float("inf") and digits_bound("2 3") == float("inf")
+    # Floats are fractions to sympy: dividing by 0.0000001 multiplies by 10^7, 0.5^-k is 2^k.
+    assert digits_bound("9**(9/0.0000001)") > 1e7 and digits_bound("0.5**-100000") > 3e4
+    assert digits_bound("(1/2 + 1/3)**3") < 10
+    assert check_answer("What is 0.5^-100000?", "1") is None
     start = time.perf_counter()
     assert check_answer("What is 9^9^9?", "1") is None  # sympy would build a 370-million-digit integer
     assert check_answer("What is 2^10?", "1024") is True

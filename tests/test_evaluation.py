@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -249,6 +250,39 @@ def test_compare_teachers_records_a_failed_job_and_goes_on(tmp_path, monkeypatch
     monkeypatch.setattr(evaluation, "run_pq", original)
     assert main(argv) == 0  # a re-run runs only the failed job
     assert json.loads((tmp_path / "results.json").read_text())["table"]["hard-only"]["seeds"] == 2
+
+
+KILLED_WORKER_HOOK = """
+import os
+if os.environ.get("SOAR_TEST_DIE_AT_SEED"):
+    import soar_env.evaluation as evaluation
+    original = evaluation.run_pq
+    def dying(config, *args, **kwargs):
+        if kwargs.get("seed") == int(os.environ["SOAR_TEST_DIE_AT_SEED"]):
+            os._exit(9)  # as the kernel's out-of-memory killer would end it: no exception, no clean-up
+        return original(config, *args, **kwargs)
+    evaluation.run_pq = dying
+"""
+
+
+def test_compare_teachers_survives_a_killed_worker(tmp_path, monkeypatch):
+    """A worker process that dies breaks its pool: the jobs in flight are recorded, a new pool runs the rest."""
+    from benchmarks.compare_teachers import BenchConfig, run_study
+
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(KILLED_WORKER_HOOK)  # imported at start-up by each spawned worker
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.setenv("SOAR_TEST_DIE_AT_SEED", "0")
+    settings = dict(preset="tiny", methods="base-student,hard-only", seeds=2, pq_max_steps=2, eval_every=1,
+                    samples=4, test_size=4, analysis_questions=8, out=str(tmp_path / "study"), plots=False, workers=2)
+    results = run_study(BenchConfig(**settings))
+    assert "hard-only/seed0" in results["failed"] and "BrokenProcessPool" in results["failed"]["hard-only/seed0"]
+    assert results["table"]["hard-only"]["seeds"] == 1  # seed 1 ran in the new pool
+    monkeypatch.delenv("SOAR_TEST_DIE_AT_SEED")
+    again = run_study(BenchConfig(**settings))
+    assert again["failed"] == {} and again["table"]["hard-only"]["seeds"] == 2
+    assert again["table"]["base-student"]["seeds"] == 2
 
 
 def test_compare_teachers_resumes_a_soar_job_killed_after_meta_training(tmp_path, monkeypatch):

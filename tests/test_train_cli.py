@@ -145,3 +145,23 @@ def test_soar_train_on_ray_starts_its_own_cluster(tmp_path):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == 1 and len(summary["reward_trajectory"]) == 1
     assert "Started a local Ray instance" in done.stderr + done.stdout
+
+
+def test_a_resumed_run_from_before_micro_batching_updates_in_micro_batches(tmp_path):
+    """Its run_config.json says micro_batch_size None (one pass, 17.5 GB at the cpu preset): memory-only, so the default wins."""
+    import dataclasses
+    import json
+
+    from agents.base import TRAINER_FILE
+    from agents.train import RUN_CONFIG, plan_run
+
+    run_dir = tmp_path / "run"
+    plan = plan_run({"teacher": "rloo", "preset": "tiny", "steps": 2, "run_dir": str(run_dir)}, {}, {})
+    saved = {"train": dataclasses.asdict(plan.train), "env": plan.env.to_dict(),
+             "teacher_config": {**plan.teacher_config.to_dict(), "micro_batch_size": None, "lr": 0.123}}
+    (run_dir / "checkpoints" / "step_000001").mkdir(parents=True)
+    (run_dir / "checkpoints" / "step_000001" / TRAINER_FILE).write_bytes(b"")  # planning reads only its name
+    (run_dir / RUN_CONFIG).write_text(json.dumps(saved))
+    resumed = plan_run({"teacher": "rloo", "preset": "tiny", "steps": 2, "resume": str(run_dir)}, {}, {})
+    assert resumed.resuming and resumed.teacher_config.micro_batch_size == 8
+    assert resumed.teacher_config.lr == 0.123  # every other saved setting is kept
