@@ -382,7 +382,7 @@ def run_study(bench: BenchConfig) -> dict[str, Any]:
                 elif not running:
                     break
         except KeyboardInterrupt:
-            for process in list(getattr(pool, "_processes", {}).values()):  # no public way to stop running jobs
+            for process in list((getattr(pool, "_processes", None) or {}).values()):  # no public way to stop jobs
                 process.terminate()
             raise
         finally:
