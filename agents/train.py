@@ -50,6 +50,11 @@ SUMMARY = "summary.json"
 EVAL_BEFORE = "eval_before.json"
 
 RESUMABLE = ("steps", "checkpoint_every", "keep_checkpoints", "progress", "tensorboard", "threads", "resume", "run_dir")
+
+TEACHER_RESUMABLE = ("micro_batch_size",)
+"""Teacher settings that bound memory without changing the update: a resumed run takes them from
+this command or the preset, not from run_config.json (a run saved with one-pass updates, from
+before micro-batching was the default, resumes in bounded memory)."""
 """Train settings that may differ between a run and its resumption."""
 
 
@@ -261,7 +266,7 @@ def plan_run(train_options: dict[str, Any], teacher_overrides: dict[str, Any],
         conflicts = [f"--{k.replace('_', '-')}" for k, v in train_options.items()
                      if k not in RESUMABLE and saved["train"].get(k) != v]
         conflicts += [f"--teacher-{k.replace('_', '-')}" for k, v in teacher_overrides.items()
-                      if saved["teacher_config"].get(k) != v]
+                      if k not in TEACHER_RESUMABLE and saved["teacher_config"].get(k) != v]
         conflicts += [f"--{k.replace('_', '-')}" for k, v in env_overrides.items() if saved["env"].get(k) != v]
         if conflicts:
             raise ValueError(f"resuming {resume} with other settings than it was started with: {', '.join(conflicts)} "
@@ -270,10 +275,10 @@ def plan_run(train_options: dict[str, Any], teacher_overrides: dict[str, Any],
         options["run_dir"] = str(run_dir)
         train = TrainConfig(**{k: v for k, v in options.items() if k != "resume"}, resume=str(run_dir))
         env = make_config(EnvConfig(**saved["env"]))
-        saved_teacher = dict(saved["teacher_config"])
-        if saved_teacher.get("micro_batch_size", 0) is None:  # runs from before micro-batching was the default:
-            saved_teacher.pop("micro_batch_size")            # the same gradient in bounded memory
-        teacher_config = TeacherConfig(**saved_teacher)
+        current = make_teacher_config(train.preset, **{k: v for k, v in teacher_overrides.items()
+                                                        if k in TEACHER_RESUMABLE})
+        teacher_config = TeacherConfig(**{**saved["teacher_config"],
+                                          **{k: getattr(current, k) for k in TEACHER_RESUMABLE}})
         teacher_class = resolve_teacher_class(train.teacher)
         done = int(checkpoint_dirs(run_dir)[-1].name.split("_", 1)[1])
         if train.total_steps < done or (train.total_steps == done and not allow_finished):

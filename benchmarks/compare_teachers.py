@@ -321,10 +321,11 @@ def run_study(bench: BenchConfig) -> dict[str, Any]:
     started = time.perf_counter()
     jobs = [(method, seed) for seed in range(bench.first_seed, bench.first_seed + bench.seeds)
             for method in bench.method_list]
-    # Refuse a folder whose finished jobs were measured otherwise before running anything.
-    missing = [(method, seed) for method, seed in jobs if load_job(out, bench, method, seed) is None]
-    for method, seed in jobs:
-        if (method, seed) not in missing:
+    missing: list[tuple[str, int]] = []
+    for method, seed in jobs:  # load_job refuses jobs measured otherwise, before anything runs
+        if load_job(out, bench, method, seed) is None:
+            missing.append((method, seed))
+        else:
             print(f"{method} seed {seed}: kept from {job_path(out, method, seed)}", flush=True)
     skipped: list[str] = []
     failed: dict[str, str] = {}

@@ -120,15 +120,11 @@ def embedding_model_path() -> str | None:
     The wheel's folder is found from its file list (its package and its sentence-transformers
     dependency are never imported); otherwise the hub id, if the HF cache holds it.
     """
-    import importlib.metadata
-    from pathlib import Path
+    from soar_env.models.resolve import wheel_file
 
-    try:
-        folder = Path(str(importlib.metadata.distribution(EMBEDDING_WHEEL).locate_file(EMBEDDING_FOLDER)))
-        if (folder / "config.json").is_file():
-            return str(folder)
-    except importlib.metadata.PackageNotFoundError:
-        pass
+    folder = wheel_file(EMBEDDING_WHEEL, EMBEDDING_FOLDER)
+    if folder is not None and (folder / "config.json").is_file():
+        return str(folder)
     try:
         from huggingface_hub import try_to_load_from_cache
 
@@ -169,7 +165,8 @@ def embed_texts(texts: Sequence[str], model: str | None = None, batch_size: int 
 
 def vendi_embedding(texts: Sequence[str], model: str | None = None) -> float | None:
     """Vendi score with the sentence-embedding cosine kernel (the paper's kind); None when no local model exists."""
-    if not texts or (model is None and embedding_model_path() is None):
+    model = model or embedding_model_path()
+    if not texts or model is None:
         return None
     try:
         vectors = embed_texts(texts, model)

