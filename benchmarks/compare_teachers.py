@@ -208,7 +208,8 @@ def _teacher_run(bench: BenchConfig, method: str, seed: int, out: Path) -> dict[
         "meta_student_tokens": int(sum(row.get("student/tokens", 0.0) for row in history)),
         "meta_student_steps": int(sum(row.get("student/inner_steps", 0.0) for row in history)
                                   * config.num_datasets * config.repeats) if method != "intrinsic" else 0,
-        "meta_seconds": round(meta_seconds, 1),
+        # The logged step times span every session of a resumed run; the clock here only the last.
+        "meta_seconds": round(sum(row.get("time/step_seconds", 0.0) for row in history) if history else meta_seconds, 1),
         "sample_seconds": round(sample_seconds, 1),
     }
     info = {
@@ -505,6 +506,14 @@ def analysis_table(analysis: dict[str, Any]) -> str:
             "of 128):\n\n" + "\n".join(lines) + "\n")
 
 
+def mean_meta(entries: list[dict[str, Any]]) -> dict[str, float] | None:
+    """Meta-training compute averaged over seeds, like the other compute columns (None for untrained rows)."""
+    metas = [e["meta"] for e in entries if e.get("meta")]
+    if not metas:
+        return None
+    return {key: round(sum(m.get(key, 0) for m in metas) / len(metas), 1) for key in metas[0]}
+
+
 def aggregate(rows: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     """Per row and k: mean pass@k with a bootstrap 95% CI over seeds and problems (in %)."""
     from soar_env.evaluation import bootstrap_pass_at_k
@@ -520,7 +529,7 @@ def aggregate(rows: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
             "student_steps": sum(e["student_steps"] for e in entries) / len(entries),
             "tokens": sum(e["tokens"] for e in entries) / len(entries),
             "seconds": sum(e["seconds"] for e in entries) / len(entries),
-            "meta": entries[0].get("meta"),
+            "meta": mean_meta(entries),
             "notes": sorted({e["note"] for e in entries if e.get("note")}),
         }
     return table
@@ -543,8 +552,8 @@ def markdown_table(bench: BenchConfig, table: dict[str, Any]) -> str:
             numbers = PAPER_MATH.get(row)
             line += (" " + "/".join("–" if v is None else f"{v}" for v in numbers) if numbers else " –") + " |"
         meta = entry.get("meta") or {}
-        meta_text = (f"{meta.get('teacher_steps', 0)} / {meta.get('meta_student_tokens', 0)} / "
-                     f"{meta.get('meta_seconds', 0)}") if meta else "–"
+        meta_text = (f"{meta.get('teacher_steps', 0):.0f} / {meta.get('meta_student_tokens', 0):.0f} / "
+                     f"{meta.get('meta_seconds', 0):.0f}") if meta else "–"
         line += f" {entry['student_steps']:.0f} | {entry['tokens']:.0f} | {entry['seconds']:.0f} | {meta_text} |"
         lines.append(line)
     notes = [f"- {ROW_NAMES[r]}: {n}" for r in ROW_ORDER if r in table for n in table[r]["notes"]]

@@ -316,12 +316,35 @@ def test_compare_teachers_resumes_a_soar_job_killed_after_meta_training(tmp_path
     teacher = json.loads((tmp_path / "jobs" / "soar-seed0.json").read_text())["teacher"]
     assert teacher["resumed_at_step"] == 2 and teacher["compute"]["teacher_steps"] == 2
     assert len(teacher["rewards"]) == 2  # the meta-training log came back with the checkpoint
+    # Compute counts the first session's meta-training too, not only the re-run's few seconds.
+    import csv
+
+    logged = [float(r["time/step_seconds"]) for r in csv.DictReader(open(tmp_path / "soar-seed0" / "progress.csv"))]
+    assert len(logged) == 2 and teacher["compute"]["meta_seconds"] == round(sum(logged), 1) > 0
     grounded, soar_pq = results["rows"]["grounded"][0], results["rows"]["soar-pq"][0]
     if teacher["pq_size"] == 0:  # no promotion: Grounded-T is the SOAR PQ run, not trained twice
         assert calls == ["PQ"] and grounded["pass_at_k"] == soar_pq["pass_at_k"]
         assert grounded["protocol"] == "Grounded-T" and "same run as SOAR PQ" in grounded["note"]
     else:
         assert calls == ["PQ", "Grounded-T"]
+
+
+def test_table_averages_meta_training_compute_over_seeds():
+    from benchmarks.compare_teachers import BenchConfig, aggregate, markdown_table
+
+    def entry(seed, tokens, seconds):
+        meta = {"teacher_steps": 4, "meta_student_tokens": tokens, "meta_student_steps": 64,
+                "meta_seconds": seconds, "sample_seconds": 10.0}
+        return {"seed": seed, "correct": [0, 1, 2], "samples": 4, "student_steps": 60, "tokens": 1000,
+                "seconds": 5.0, "meta": meta}
+
+    table = aggregate({"soar-pq": [entry(0, 100, 20.0), entry(1, 300, 40.0)],
+                       "hard-only": [entry(0, 1, 1.0) | {"meta": None}]})
+    assert table["soar-pq"]["meta"]["meta_student_tokens"] == 200 and table["soar-pq"]["meta"]["meta_seconds"] == 30.0
+    assert table["hard-only"]["meta"] is None
+    text = markdown_table(BenchConfig(preset="cpu", samples=4), table)
+    lines = {line.split(" |")[0]: line for line in text.splitlines() if line.startswith("| ")}
+    assert lines["| SOAR PQ"].endswith("| 4 / 200 / 30 |") and lines["| Hard-Only"].endswith("| – |")
 
 
 def test_paper_table_has_paper_numbers():
