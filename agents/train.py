@@ -50,12 +50,12 @@ SUMMARY = "summary.json"
 EVAL_BEFORE = "eval_before.json"
 
 RESUMABLE = ("steps", "checkpoint_every", "keep_checkpoints", "progress", "tensorboard", "threads", "resume", "run_dir")
+"""Train settings that may differ between a run and its resumption."""
 
 TEACHER_RESUMABLE = ("micro_batch_size",)
 """Teacher settings that bound memory without changing the update: a resumed run takes them from
 this command or the preset, not from run_config.json (a run saved with one-pass updates, from
 before micro-batching was the default, resumes in bounded memory)."""
-"""Train settings that may differ between a run and its resumption."""
 
 
 @dataclass
