@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import os
@@ -317,8 +318,6 @@ def test_compare_teachers_resumes_a_soar_job_killed_after_meta_training(tmp_path
     assert teacher["resumed_at_step"] == 2 and teacher["compute"]["teacher_steps"] == 2
     assert len(teacher["rewards"]) == 2  # the meta-training log came back with the checkpoint
     # Compute counts the first session's meta-training too, not only the re-run's few seconds.
-    import csv
-
     logged = [float(r["time/step_seconds"]) for r in csv.DictReader(open(tmp_path / "soar-seed0" / "progress.csv"))]
     assert len(logged) == 2 and teacher["compute"]["meta_seconds"] == round(sum(logged), 1) > 0
     grounded, soar_pq = results["rows"]["grounded"][0], results["rows"]["soar-pq"][0]
