@@ -9,23 +9,25 @@
 
 ``soar train`` (`agents.train`) is the same thing from the command line. Importing this
 package loads no model and no torch-heavy module; models load when ``learn`` starts.
+
+Modules: `agents.base` (the protocol, `Teacher`), `agents.loop` (`run_learning`),
+`agents.callbacks`, `agents.driver` (single and vector env behind one interface),
+`agents.run_dir` (checkpoints and run files), `agents.logger`, the teachers
+(`agents.rloo_teacher` with `agents.teacher_config` and `agents.teacher_sampling`,
+`agents.baselines`, `agents.sb3_teacher`), `agents.registry` (teacher names),
+`agents.train` (``soar train``) and `agents.testing` (the conformance check).
 """
 
-from agents.base import (
-    BaseCallback,
-    CallbackList,
-    FunctionCallback,
-    StepRecord,
-    StopAfterPromotions,
-    Teacher,
-    TeacherProtocol,
-    latest_checkpoint,
-    run_learning,
-)
-from agents.baselines import BaseTeacher, HardOnlyTeacher, RandomTeacher
-from agents.logger import Logger
-from agents.rloo_teacher import TEACHER_PRESETS, IntrinsicTeacher, RLOOTeacher, TeacherConfig, make_teacher_config
+from agents.base import Teacher, TeacherProtocol
+from agents.baselines import BaseTeacher, HardOnlyTeacher, IntrinsicTeacher, RandomTeacher
+from agents.callbacks import BaseCallback, CallbackList, FunctionCallback, StepRecord, StopAfterPromotions
+from agents.driver import env_config, env_core, unbatch_infos
+from agents.logger import Logger, TensorBoardWriter
+from agents.loop import check_batches, run_learning
+from agents.rloo_teacher import RLOOTeacher
+from agents.run_dir import checkpoint_dirs, checkpoint_step, latest_checkpoint
 from agents.sb3_teacher import SB3Teacher
+from agents.teacher_config import TEACHER_PRESETS, TeacherConfig, make_teacher_config
 
 __all__ = [
     "BaseCallback",
@@ -41,10 +43,17 @@ __all__ = [
     "StepRecord",
     "StopAfterPromotions",
     "TEACHER_PRESETS",
+    "TensorBoardWriter",
     "Teacher",
     "TeacherConfig",
     "TeacherProtocol",
+    "check_batches",
+    "checkpoint_dirs",
+    "checkpoint_step",
+    "env_config",
+    "env_core",
     "latest_checkpoint",
     "make_teacher_config",
     "run_learning",
+    "unbatch_infos",
 ]

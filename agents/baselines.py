@@ -2,34 +2,27 @@
 
 - `RandomTeacher`: procedural problems, families and difficulty levels drawn uniformly; no model.
 - `BaseTeacher` (Base-T): the LLM teacher as it is, never trained: what SOAR starts from.
+- `IntrinsicTeacher` (Intrinsic-T): SOAR's learner on the env's learnability reward instead
+  of the grounded one.
 - `HardOnlyTeacher` (Hard-Only): proposes the hard train problems themselves, so the student
   does plain RLOO on the hard set through the same env, and gets the same zero-reward plateau
   the paper describes.
-
-`IntrinsicTeacher` (Intrinsic-T) lives next to `RLOOTeacher`, being the same learner.
 """
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-from agents.base import Teacher, env_config, env_core
+from agents.base import Teacher
+from agents.driver import env_config, env_core
 from agents.rloo_teacher import RLOOTeacher
+from soar_env.data.generators import FAMILIES, MAX_DIFFICULTY, MIN_DIFFICULTY, sample_problems
+from soar_env.data.hardset import load_hard_pool
 from soar_env.problems import Problem
-
-
-def _rng_state(rng: np.random.Generator) -> dict[str, Any]:
-    return copy.deepcopy(rng.bit_generator.state)
-
-
-def _rng_from(state: Mapping[str, Any]) -> np.random.Generator:
-    bit_generator = getattr(np.random, state["bit_generator"])()
-    bit_generator.state = copy.deepcopy(dict(state))
-    return np.random.Generator(bit_generator)
+from soar_env.rng import rng_from_state, rng_state
 
 
 class RandomTeacher(Teacher):
@@ -42,8 +35,6 @@ class RandomTeacher(Teacher):
     def __init__(self, families: Sequence[str] | None = None, difficulty: Sequence[int] | int = (1, 2, 3, 4, 5),
                  seed: int | None = 0) -> None:
         super().__init__()
-        from soar_env.data.generators import FAMILIES, MAX_DIFFICULTY, MIN_DIFFICULTY
-
         self.families = tuple(families) if families is not None else FAMILIES
         unknown = [f for f in self.families if f not in FAMILIES]
         if unknown or not self.families:
@@ -55,16 +46,14 @@ class RandomTeacher(Teacher):
         self.rng = np.random.default_rng(seed)
 
     def propose(self, num_datasets: int, problems_per_dataset: int) -> list[list[Problem]]:
-        from soar_env.data.generators import sample_problems
-
         return [sample_problems(problems_per_dataset, self.rng, families=self.families, difficulty=self.difficulty)
                 for _ in range(num_datasets)]
 
     def state_dict(self) -> dict[str, Any]:
-        return {"rng": _rng_state(self.rng)}
+        return {"rng": rng_state(self.rng)}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.rng = _rng_from(state["rng"])
+        self.rng = rng_from_state(state["rng"])
 
 
 class BaseTeacher(RLOOTeacher):
@@ -74,6 +63,23 @@ class BaseTeacher(RLOOTeacher):
     """
 
     learns = False
+
+
+class IntrinsicTeacher(RLOOTeacher):
+    """Intrinsic-T: the same teacher trained on the env's learnability reward instead of grounded gains.
+
+    The paper's baseline: 32 student samples per question give a success rate s, the question
+    scores 0 if s = 0 else 1 - s, the dataset scores the mean. The env computes it
+    (``reward_mode="learnability"``), so the comparison with Grounded-T changes nothing else.
+    """
+
+    env_overrides = {"reward_mode": "learnability"}
+
+    def check_env(self, config: Any) -> None:
+        super().check_env(config)
+        if config is not None and config.reward_mode == "grounded":
+            raise ValueError("IntrinsicTeacher needs an intrinsic reward: make the env with "
+                             "reward_mode='learnability' (or 'variance')")
 
 
 class HardOnlyTeacher(Teacher):
@@ -99,8 +105,6 @@ class HardOnlyTeacher(Teacher):
         config = env_config(env)
         if config is None:
             raise ValueError("HardOnlyTeacher needs a SOAR env (for its hard set) or problems=[...]")
-        from soar_env.envs.soar_math import load_hard_pool
-
         self.problems = load_hard_pool(config)
 
     def _next(self) -> Problem:
@@ -118,9 +122,9 @@ class HardOnlyTeacher(Teacher):
         return [[self._next() for _ in range(problems_per_dataset)] for _ in range(num_datasets)]
 
     def state_dict(self) -> dict[str, Any]:
-        return {"rng": _rng_state(self.rng), "order": list(self._order), "position": self._position}
+        return {"rng": rng_state(self.rng), "order": list(self._order), "position": self._position}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.rng = _rng_from(state["rng"])
+        self.rng = rng_from_state(state["rng"])
         self._order = [int(i) for i in state["order"]]
         self._position = int(state["position"])

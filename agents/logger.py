@@ -15,6 +15,7 @@ the final summary is computed from and what a checkpoint stores, so a resumed ru
 from __future__ import annotations
 
 import csv
+import io
 import math
 import numbers
 import os
@@ -22,6 +23,8 @@ import sys
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol, TextIO
+
+from soar_env.atomic import atomic_write_text
 
 WRITERS = ("console", "csv", "tensorboard")
 """Names accepted by ``Logger(writers=...)``."""
@@ -92,13 +95,12 @@ class CSVWriter:
             csv.DictWriter(handle, fieldnames=self.keys).writerow(row)
 
     def _rewrite(self) -> None:
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        with tmp.open("w", newline="", encoding="utf-8") as handle:
-            writer = csv.DictWriter(handle, fieldnames=self.keys)
-            if self.keys:
-                writer.writeheader()
-            writer.writerows(self.rows)
-        os.replace(tmp, self.path)
+        text = io.StringIO()
+        writer = csv.DictWriter(text, fieldnames=self.keys)
+        if self.keys:
+            writer.writeheader()
+        writer.writerows(self.rows)
+        atomic_write_text(self.path, text.getvalue())
 
     def close(self) -> None:
         pass
@@ -108,7 +110,7 @@ class TensorBoardWriter:
     """Scalars for TensorBoard under ``log_dir``; ``purge_step`` drops events a killed run wrote past its checkpoint."""
 
     def __init__(self, log_dir: str | os.PathLike[str], purge_step: int | None = None) -> None:
-        from torch.utils.tensorboard import SummaryWriter
+        from torch.utils.tensorboard import SummaryWriter  # lazy: importing agents loads no torch
 
         self.writer = SummaryWriter(log_dir=os.fspath(log_dir), purge_step=purge_step)
 

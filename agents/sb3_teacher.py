@@ -14,15 +14,20 @@ SB3 on the Param env, ``PPO("MlpPolicy", gym.make("SOAR-MATH-Param-v0")).learn(.
 
 from __future__ import annotations
 
-import copy
+import contextlib
 import importlib.util
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
+import gymnasium as gym
 import numpy as np
+from gymnasium import spaces
 
 from agents.base import Teacher
+from soar_env.data.generators import FAMILIES, MAX_DIFFICULTY, MIN_DIFFICULTY, sample_problems
+from soar_env.envs.spaces import OBS_FIELDS
 from soar_env.problems import Problem
+from soar_env.rng import rng_from_state, rng_state
 
 INSTALL_HINT = "pip install 'soar-gym[sb3]'  (or: pip install stable-baselines3)"
 
@@ -45,8 +50,6 @@ class SB3Teacher(Teacher):
                  **ppo_kwargs: Any) -> None:
         require_sb3()
         super().__init__()
-        from soar_env.data.generators import FAMILIES
-
         self.families = tuple(families) if families is not None else FAMILIES
         unknown = [f for f in self.families if f not in FAMILIES]
         if unknown or not self.families:
@@ -77,14 +80,11 @@ class SB3Teacher(Teacher):
     def _build(self, num_envs: int) -> None:
         if self.model is not None and self.num_envs == num_envs:
             return
-        import gymnasium as gym
+        # Lazy: stable-baselines3 is an optional extra, and torch loads only when PPO is built.
         import torch
-        from gymnasium import spaces
         from stable_baselines3 import PPO
         from stable_baselines3.common.logger import Logger as SB3Logger
         from stable_baselines3.common.vec_env import DummyVecEnv
-
-        from soar_env.envs.soar_math import OBS_FIELDS
 
         observation_space = spaces.Box(-np.inf, np.inf, shape=(len(OBS_FIELDS),), dtype=np.float32)
         action_space = spaces.Box(-1.0, 1.0, shape=(len(self.families) + 1,), dtype=np.float32)
@@ -114,27 +114,20 @@ class SB3Teacher(Teacher):
         self.model.set_logger(SB3Logger(folder=None, output_formats=[]))  # values are read back, never written
         self._episode_starts = np.ones(num_envs, dtype=bool)
 
-    def _isolated(self) -> Any:
+    @contextlib.contextmanager
+    def _isolated(self) -> Iterator[None]:
         """Run PPO's sampling/training on the teacher's own torch and numpy RNG streams."""
-        import contextlib
+        import torch  # lazy, as in _build
 
-        import torch
-
-        teacher = self
-
-        @contextlib.contextmanager
-        def scope() -> Any:
-            with torch.random.fork_rng(devices=[]):
-                np_state = np.random.get_state()
-                torch.set_rng_state(teacher._torch_rng)
-                np.random.seed(int(teacher.rng.integers(2**31 - 1)))
-                try:
-                    yield
-                finally:
-                    teacher._torch_rng = torch.get_rng_state()
-                    np.random.set_state(np_state)
-
-        return scope()
+        with torch.random.fork_rng(devices=[]):
+            np_state = np.random.get_state()
+            torch.set_rng_state(self._torch_rng)
+            np.random.seed(int(self.rng.integers(2**31 - 1)))
+            try:
+                yield
+            finally:
+                self._torch_rng = torch.get_rng_state()
+                np.random.set_state(np_state)
 
     # -- acting ----------------------------------------------------------------------------------
 
@@ -142,15 +135,15 @@ class SB3Teacher(Teacher):
         self._obs = np.asarray(observation, dtype=np.float32).reshape(-1, observation.shape[-1])
 
     def propose(self, num_datasets: int, problems_per_dataset: int) -> list[list[Problem]]:
-        import torch
+        import torch  # lazy, as in _build
         from stable_baselines3.common.utils import obs_as_tensor
 
-        from soar_env.data.generators import MAX_DIFFICULTY, MIN_DIFFICULTY, sample_problems
+        # Lazy: the Param env's module loads the env and its student (torch); only the decoder is needed.
         from soar_env.envs.parametric import decode_action
 
         self._build(num_datasets)
         obs = self._obs if self._obs is not None and len(self._obs) == num_datasets else \
-            np.zeros((num_datasets, 5), dtype=np.float32)
+            np.zeros((num_datasets, len(OBS_FIELDS)), dtype=np.float32)
         with self._isolated(), torch.no_grad():
             actions, values, log_probs = self.model.policy(obs_as_tensor(obs, self.model.device))
         actions = actions.cpu().numpy()  # (g, F + 1), unclipped: PPO scores what it sampled
@@ -166,7 +159,7 @@ class SB3Teacher(Teacher):
 
     def update(self, rewards: np.ndarray, infos: Sequence[Mapping[str, Any]] = ()) -> dict[str, float]:
         """Add the transition; when the buffer holds n_steps of them, run PPO's update."""
-        import torch
+        import torch  # lazy, as in _build
         from stable_baselines3.common.utils import obs_as_tensor
 
         if self._pending is None:
@@ -210,7 +203,7 @@ class SB3Teacher(Teacher):
             "buffer": {name: np.array(getattr(buffer, name), copy=True) for name in self._BUFFER_FIELDS},
             "buffer_pos": buffer.pos,
             "buffer_full": buffer.full,
-            "rng": copy.deepcopy(self.rng.bit_generator.state),
+            "rng": rng_state(self.rng),
             "torch_rng": self._torch_rng.clone(),
             "obs": None if self._obs is None else self._obs.copy(),
             "episode_starts": self._episode_starts.copy(),
@@ -227,9 +220,7 @@ class SB3Teacher(Teacher):
         for name in self._BUFFER_FIELDS:
             getattr(buffer, name)[...] = state["buffer"][name]
         buffer.pos, buffer.full = int(state["buffer_pos"]), bool(state["buffer_full"])
-        bit_generator = getattr(np.random, state["rng"]["bit_generator"])()
-        bit_generator.state = copy.deepcopy(state["rng"])
-        self.rng = np.random.Generator(bit_generator)
+        self.rng = rng_from_state(state["rng"])
         self._torch_rng = state["torch_rng"].clone()
         self._obs = None if state["obs"] is None else np.asarray(state["obs"], dtype=np.float32)
         self._episode_starts = np.asarray(state["episode_starts"], dtype=bool)

@@ -27,8 +27,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
-from agents.base import StepRecord, Teacher, check_batches, run_learning
+from agents.base import PROTOCOL_METHODS, Teacher
+from agents.callbacks import StepRecord
+from agents.driver import unbatch_infos
+from agents.loop import check_batches, run_learning
+from soar_env.envs.testing import ScriptedStudent, ranked_pool
+from soar_env.envs.vector import SOARMathVectorEnv
 from soar_env.problems import Problem, Rejection, to_problem
 
 NOT_A_TEACHER = "{name} lacks {missing}: a teacher needs propose, update, state_dict and load_state_dict"
@@ -55,9 +61,6 @@ def scripted_vector_env(num_datasets: int = 2, problems_per_dataset: int = 3, ga
     The default gain depends on the dataset (its share of problems with even-length questions),
     so different datasets get different rewards and learning teachers see a signal.
     """
-    from soar_env.envs.testing import ScriptedStudent, ranked_pool
-    from soar_env.envs.vector import SOARMathVectorEnv
-
     pool = ranked_pool(20)
     if gains is None:
         def gains(problems: Any, seed: int) -> float:
@@ -103,8 +106,6 @@ def check_teacher(
     learn checks) or an instance (those two checks then reuse it). ``env_factory`` makes the
     env (default: `scripted_vector_env`).
     """
-    import torch
-
     make_env = env_factory or scripted_vector_env
     if isinstance(teacher, type) or not hasattr(teacher, "propose"):
         fresh = teacher  # a class or a factory: fresh instances on demand
@@ -112,8 +113,7 @@ def check_teacher(
         fresh = lambda: teacher  # noqa: E731 - one instance, reused by every check
     instance = fresh()
     name = type(instance).__name__
-    missing = [m for m in ("propose", "update", "state_dict", "load_state_dict")
-               if not callable(getattr(instance, m, None))]
+    missing = [m for m in PROTOCOL_METHODS if not callable(getattr(instance, m, None))]
     if missing:
         _fail(NOT_A_TEACHER, name=name, missing=", ".join(missing))
 
@@ -142,8 +142,6 @@ def check_teacher(
     obs, rewards, _, _, infos = env.step(tuple(tuple(b) for b in problems))
     if hasattr(instance, "observe"):
         instance.observe(obs)
-    from agents.base import unbatch_infos
-
     per_dataset, _ = unbatch_infos(infos, g)
     result = instance.update(np.asarray(rewards), per_dataset)
     if result is not None and (not isinstance(result, Mapping) or

@@ -20,27 +20,32 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
 import inspect
 import json
-import os
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from soar_env.config import PRESETS, EnvConfig, make_config
+import gymnasium as gym
+import numpy as np
+from tqdm.auto import tqdm
 
-BUILTIN_TEACHERS = {
-    "rloo": "SOAR's teacher (Grounded-T): an LLM trained with RLOO on the grounded reward",
-    "random": "uniformly random generated problems",
-    "base": "the untrained LLM teacher (Base-T)",
-    "intrinsic": "the LLM teacher trained on the learnability reward (Intrinsic-T)",
-    "hard-only": "the hard train problems themselves (Hard-Only)",
-    "sb3": "stable-baselines3 PPO over the procedural curriculum (SOAR-MATH-Param-v0's action)",
-}
-LLM_TEACHERS = ("rloo", "base", "intrinsic")
+import soar_env  # noqa: F401  (registers the env ids)
+from agents.driver import env_core
+from agents.logger import Logger
+from agents.registry import BUILTIN_TEACHERS, LLM_TEACHERS, resolve_teacher_class
+from agents.rloo_teacher import RLOOTeacher
+from agents.run_dir import checkpoint_dirs, checkpoint_step, latest_checkpoint
+from agents.teacher_config import TeacherConfig, make_teacher_config
+from soar_env.options import check_minimum
+from soar_env.atomic import atomic_write_text
+from soar_env.config import PRESETS, EnvConfig, make_config
+from soar_env.data.hardset import hard_splits, load_hard_pool
+from soar_env.options import add_dataclass_arguments
+from soar_env.problems import Problem
 
 DEFAULT_STEPS = {"tiny": 2, "cpu": 10, "paper": 200}
 """Teacher steps when --steps is not given: seconds (tiny), about an hour on 2 CPU cores (cpu), the paper's 200."""
@@ -96,14 +101,8 @@ class TrainConfig:
         if self.teacher not in BUILTIN_TEACHERS and ":" not in self.teacher:
             raise ValueError(f"unknown teacher {self.teacher!r}; valid: {', '.join(BUILTIN_TEACHERS)} "
                              "or module:Class")
-        for name in ("steps", "eval_train_size", "eval_test_size", "threads"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        if self.checkpoint_every < 1:
-            raise ValueError(f"checkpoint_every must be >= 1, got {self.checkpoint_every!r}")
-        if self.keep_checkpoints < 1:
-            raise ValueError(f"keep_checkpoints must be >= 1, got {self.keep_checkpoints!r}")
+        check_minimum(self, ("steps", "eval_train_size", "eval_test_size", "threads"), 1, integer=True, optional=True)
+        check_minimum(self, ("checkpoint_every", "keep_checkpoints"), 1)
 
     @property
     def total_steps(self) -> int:
@@ -116,8 +115,8 @@ class RunPlan:
 
     train: TrainConfig
     env: EnvConfig
-    teacher_config: Any
-    """TeacherConfig of the LLM teachers (also recorded for the others)."""
+    teacher_config: TeacherConfig
+    """Settings of the LLM teachers (also recorded for the others)."""
     teacher_class: Any
     run_dir: Path
     resuming: bool
@@ -128,45 +127,37 @@ class RunPlan:
 # ---------------------------------------------------------------------------------------------
 
 
-def _add_fields(parser: argparse.ArgumentParser | Any, cls: type, *, prefix: str = "", dest_prefix: str = "",
-                default_note: Any = None) -> None:
-    """``--prefix-field`` options for a dataclass; unset options stay absent (argparse.SUPPRESS)."""
-    import typing
-
-    from soar_env.cli import _parser_for, field_docs
-
-    docs = field_docs(cls)
-    hints = typing.get_type_hints(cls)
-    for field in dataclasses.fields(cls):
-        convert, is_bool = _parser_for(hints.get(field.name, str))
-        flag = "--" + prefix + field.name.replace("_", "-")
-        help_text = docs.get(field.name, "")
-        note = default_note(field) if default_note else f"default: {field.default}"
-        # A docstring that already names its default says it better than the field value.
-        text = help_text if "default" in help_text.lower() else f"{help_text} ({note})"
-        kwargs: dict[str, Any] = {"dest": dest_prefix + field.name, "default": argparse.SUPPRESS, "help": text}
-        if is_bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
-        else:
-            parser.add_argument(flag, type=convert, metavar=field.name.upper(), **kwargs)
+def _paper_note(field: dataclasses.Field) -> str:
+    return f"default: the preset's; paper: {field.default}"
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    """Every option of ``soar train``, each with the help text of its config field."""
-    from agents.rloo_teacher import TeacherConfig
+    """Every option of ``soar train``, each with the help text of its config field.
 
-    _add_fields(parser.add_argument_group("run"), TrainConfig)
+    Options not given stay out of the namespace, so the preset applies first and only what
+    was given overrides it (and ``--resume`` can tell given options from defaults).
+    """
+    add_dataclass_arguments(parser.add_argument_group("run"), TrainConfig, absent_unless_given=True)
+    add_dataclass_arguments(parser.add_argument_group("teacher (LLM teachers: rloo, base, intrinsic)"), TeacherConfig,
+                            prefix="teacher-", dest_prefix="teacher__", absent_unless_given=True,
+                            default_note=_paper_note)
+    add_dataclass_arguments(parser.add_argument_group("environment (any EnvConfig field; see soar_env.config)"),
+                            EnvConfig, dest_prefix="env__", absent_unless_given=True, default_note=_paper_note)
 
-    def paper_note(field: dataclasses.Field) -> str:
-        return f"default: the preset's; paper: {field.default}"
 
-    _add_fields(parser.add_argument_group("teacher (LLM teachers: rloo, base, intrinsic)"), TeacherConfig,
-                prefix="teacher-", dest_prefix="teacher__", default_note=paper_note)
-    _add_fields(parser.add_argument_group("environment (any EnvConfig field; see soar_env.config)"), EnvConfig,
-                dest_prefix="env__", default_note=paper_note)
+def add_command(commands: Any) -> None:
+    """``soar train`` for the ``soar`` CLI (entry-point group ``soar.commands`` in pyproject.toml)."""
+    train = commands.add_parser(
+        "train", help="meta-train a teacher against SOAR-MATH-v0 (SOAR, baselines or module:Class)",
+        description="Meta-train a teacher: progress bar, TensorBoard, checkpoints, PQ file and a summary. "
+                    "Every value is checked before a model loads; --resume DIR continues a killed run.",
+        allow_abbrev=False)
+    add_train_arguments(train)
+    train.set_defaults(run=run_from_args)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The parser of ``python -m agents.train`` (the same options as ``soar train``)."""
     parser = argparse.ArgumentParser(prog="soar train", description=__doc__.split("\n\n")[0], allow_abbrev=False)
     add_train_arguments(parser)
     return parser
@@ -204,39 +195,6 @@ def run_from_args(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
-def resolve_teacher_class(spec: str) -> Any:
-    """A built-in teacher name or ``module:Class`` -> the class (imports the module, loads no model)."""
-    from agents import BaseTeacher, HardOnlyTeacher, IntrinsicTeacher, RandomTeacher, RLOOTeacher, SB3Teacher
-
-    builtin = {"rloo": RLOOTeacher, "random": RandomTeacher, "base": BaseTeacher, "intrinsic": IntrinsicTeacher,
-               "hard-only": HardOnlyTeacher, "sb3": SB3Teacher}
-    if spec in builtin:
-        if spec == "sb3":
-            from agents.sb3_teacher import require_sb3
-
-            require_sb3()
-        return builtin[spec]
-    module_name, _, class_name = spec.partition(":")
-    if not module_name or not class_name:
-        raise ValueError(f"teacher {spec!r} is neither {', '.join(builtin)} nor module:Class")
-    # A user's module is usually next to where they run the command.
-    if os.getcwd() not in sys.path and "" not in sys.path:
-        sys.path.insert(0, os.getcwd())
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as error:
-        raise ImportError(f"cannot import the teacher module {module_name!r}: {error}") from None
-    cls = module
-    for part in class_name.split("."):
-        cls = getattr(cls, part, None)
-        if cls is None:
-            raise ValueError(f"module {module_name!r} has no {class_name!r}")
-    missing = [m for m in ("propose", "update", "state_dict", "load_state_dict") if not hasattr(cls, m)]
-    if missing:
-        raise ValueError(f"{spec} is not a teacher: it lacks {', '.join(missing)} (subclass agents.Teacher)")
-    return cls
-
-
 def _default_run_dir(train: TrainConfig) -> Path:
     name = train.teacher.replace(":", "-").replace(".", "-").replace("/", "-")
     return Path("runs") / f"{name}-{train.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -249,9 +207,6 @@ def plan_run(train_options: dict[str, Any], teacher_overrides: dict[str, Any],
     ``allow_finished``: a resumed run whose checkpoints already reach ``steps`` is planned too
     (learning then only restores it), for callers that want the trained teacher and env back.
     """
-    from agents.base import checkpoint_dirs
-    from agents.rloo_teacher import TeacherConfig, make_teacher_config
-
     resume = train_options.get("resume")
     if resume is not None:
         run_dir = Path(resume)
@@ -280,7 +235,7 @@ def plan_run(train_options: dict[str, Any], teacher_overrides: dict[str, Any],
         teacher_config = TeacherConfig(**{**saved["teacher_config"],
                                           **{k: getattr(current, k) for k in TEACHER_RESUMABLE}})
         teacher_class = resolve_teacher_class(train.teacher)
-        done = int(checkpoint_dirs(run_dir)[-1].name.split("_", 1)[1])
+        done = checkpoint_step(checkpoint_dirs(run_dir)[-1])
         if train.total_steps < done or (train.total_steps == done and not allow_finished):
             raise ValueError(f"--resume {resume}: the run already has {checkpoint_dirs(run_dir)[-1].name}; "
                              f"pass --steps larger than that to continue it")
@@ -317,9 +272,9 @@ def _check_env(teacher_class: Any, env: EnvConfig) -> None:
         pass
 
 
-def _check_models(train: TrainConfig, env: EnvConfig, teacher_config: Any) -> None:
+def _check_models(train: TrainConfig, env: EnvConfig, teacher_config: TeacherConfig) -> None:
     """Catch a missing embedded model now rather than after minutes of setup."""
-    from soar_env.models import EMBEDDED_DEFAULT, is_embedded_available
+    from soar_env.models import EMBEDDED_DEFAULT, is_embedded_available  # lazy: the models package imports torch
 
     names = [env.student_model]
     if train.teacher in LLM_TEACHERS:
@@ -332,8 +287,6 @@ def _check_models(train: TrainConfig, env: EnvConfig, teacher_config: Any) -> No
 
 
 def _check_hardset(env: EnvConfig) -> None:
-    from soar_env.envs.soar_math import load_hard_pool
-
     try:
         load_hard_pool(env)
     except FileNotFoundError as error:
@@ -347,8 +300,6 @@ def _check_hardset(env: EnvConfig) -> None:
 
 def build_teacher(plan: RunPlan) -> Any:
     """An instance of the planned teacher; a user class gets the keyword arguments it declares."""
-    from agents import RLOOTeacher
-
     cls = plan.teacher_class
     seed = plan.teacher_config.seed if plan.teacher_config.seed is not None else (plan.env.seed or 0)
     if isinstance(cls, type) and issubclass(cls, RLOOTeacher):
@@ -362,56 +313,57 @@ def build_teacher(plan: RunPlan) -> Any:
     return cls(**kwargs)
 
 
-def _hard_split(env: EnvConfig, split: str) -> list[Any] | None:
-    """Problems of one split of the env's hard set; None when the hard set has no such split."""
-    from soar_env.envs.soar_math import load_hard_pool
+def _hard_sets(env: EnvConfig) -> tuple[list[Problem], list[Problem]]:
+    """(hard train, hard test) of the env's hard set, as its split column says.
 
-    pool = load_hard_pool(dataclasses.replace(env, hardset_split=split))
+    Unlike `hard_splits`, a pool without a split column (a generator or a plain problem file)
+    is not split at random: it is all train, with no held-out test problems.
+    """
+    pool = load_hard_pool(dataclasses.replace(env, hardset_split="train"))
     if not any("split" in p.meta for p in pool):
-        # A generator or plain problem file has no held-out part: the pool is all "train".
-        return pool if split == "train" else None
-    return [p for p in pool if p.meta.get("split") == split] or None
+        return pool, []
+    return hard_splits(env)
 
 
-def _eval_sets(plan: RunPlan) -> dict[str, list[Any]]:
-    import numpy as np
-
-    sets: dict[str, list[Any]] = {}
-    train_pool = _hard_split(plan.env, "train") or []
+def _eval_sets(plan: RunPlan) -> dict[str, list[Problem]]:
+    sets: dict[str, list[Problem]] = {}
+    train_pool, test_pool = _hard_sets(plan.env)
     size = min(plan.train.eval_train_size or plan.env.eval_subset_size, len(train_pool))
     rng = np.random.default_rng(12345)  # the same subset before and after, and across resumes
     sets["hard_train"] = [train_pool[int(i)] for i in sorted(rng.choice(len(train_pool), size, replace=False))]
-    test_pool = _hard_split(plan.env, "test")
     if test_pool:
         size = min(plan.train.eval_test_size or len(test_pool), len(test_pool))
         sets["hard_test"] = test_pool[:size]
     return sets
 
 
-def _evaluate(student: Any, problems: list[Any], env: EnvConfig) -> float:
+def _evaluate(student: Any, problems: list[Problem], env: EnvConfig) -> float:
     result = student.evaluate(problems, greedy=env.greedy_eval, max_new_tokens=env.eval_tokens)
     return float(result.accuracy)
 
 
+def write_run_config(plan: RunPlan, command: Sequence[str] | None = None) -> Path:
+    """``run_config.json``: the resolved settings that ``--resume`` reads back (plus the command line, if given)."""
+    record: dict[str, Any] = {"train": dataclasses.asdict(plan.train), "env": plan.env.to_dict(),
+                              "teacher_config": plan.teacher_config.to_dict()}
+    if command is not None:
+        record["command"] = list(command)
+    path = plan.run_dir / RUN_CONFIG
+    atomic_write_text(path, json.dumps(record, indent=2) + "\n")
+    return path
+
+
 def execute(plan: RunPlan) -> dict[str, Any]:
     """Run the planned job; returns the summary (also written to run_dir/summary.json)."""
-    import gymnasium as gym
-
-    import soar_env  # noqa: F401  (registers the env ids)
-    from agents.base import env_core, latest_checkpoint
-    from agents.logger import Logger
-
     start = time.perf_counter()
     if plan.train.threads is not None:
-        import torch
+        import torch  # lazy: only to set the thread count; the env and teacher load it anyway
 
         torch.set_num_threads(plan.train.threads)
     run_dir = plan.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     if not plan.resuming:
-        record = {"train": dataclasses.asdict(plan.train), "env": plan.env.to_dict(),
-                  "teacher_config": plan.teacher_config.to_dict(), "command": sys.argv}
-        (run_dir / RUN_CONFIG).write_text(json.dumps(record, indent=2) + "\n")
+        write_run_config(plan, command=sys.argv)
     print(f"soar train: teacher {plan.train.teacher}, preset {plan.train.preset}, {plan.train.total_steps} steps, "
           f"g={plan.env.num_datasets} datasets x n={plan.env.problems_per_dataset} problems, run dir {run_dir}"
           + (" (resuming)" if plan.resuming else ""), flush=True)
@@ -430,13 +382,11 @@ def execute(plan: RunPlan) -> dict[str, Any]:
         student = core.student  # loads the student model
         for name, problems in eval_sets.items():
             before[name] = _evaluate(student, problems, plan.env)
-        before_path.write_text(json.dumps(before, indent=2) + "\n")
+        atomic_write_text(before_path, json.dumps(before, indent=2) + "\n")
 
     writers = ("console", "csv", "tensorboard") if plan.train.tensorboard else ("console", "csv")
     logger = Logger(run_dir, writers=writers)
     if plan.train.progress:
-        from tqdm.auto import tqdm
-
         logger.print_fn = tqdm.write
     teacher.learn(envs, plan.train.total_steps, run_dir=run_dir, checkpoint_every=plan.train.checkpoint_every,
                   keep_checkpoints=plan.train.keep_checkpoints, resume_from=run_dir if plan.resuming else None,
@@ -450,7 +400,7 @@ def execute(plan: RunPlan) -> dict[str, Any]:
     summary = summarize(plan, logger, teacher, envs, before, after, {k: len(v) for k, v in eval_sets.items()})
     summary["wall_seconds"] = round(time.perf_counter() - start, 1)
     summary["checkpoint"] = str(latest_checkpoint(run_dir))
-    (run_dir / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(run_dir / SUMMARY, json.dumps(summary, indent=2) + "\n")
     envs.close()
     return summary
 

@@ -25,6 +25,12 @@ import time
 import warnings
 from typing import Any
 
+import gymnasium as gym
+import torch
+
+import soar_env  # noqa: F401  (registers the env ids)
+from soar_env.data.hardset import bundled_hardset_path
+
 DEFAULT_GRIDS = {
     "tiny": ("base;problems_per_dataset=2;problems_per_dataset=8;problems_per_dataset=16;repeats=1;repeats=4;"
              "inner_steps=2;inner_steps=4;num_datasets=1;num_datasets=4"),
@@ -38,6 +44,7 @@ FALLBACK_HARDSET = "generator:addition@4#80%0"
 
 
 def parse_override(text: str) -> dict[str, Any]:
+    """``"base"`` -> {}; ``"setting=value"`` -> {setting: value as int, float, bool or str}."""
     if text.strip() == "base":
         return {}
     key, _, value = text.partition("=")
@@ -50,8 +57,7 @@ def parse_override(text: str) -> dict[str, Any]:
 
 
 def machine() -> str:
-    import torch
-
+    """One line: CPU, cores, torch threads, GPU, versions and load."""
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     load = f", load average {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""
     return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch threads "
@@ -60,10 +66,6 @@ def machine() -> str:
 
 def time_row(preset: str, overrides: dict[str, Any], runs: int, seed: int, warmup: int = 1) -> dict[str, Any]:
     """Build, reset, take ``warmup`` untimed steps, then time ``runs`` steps of one configuration."""
-    import gymnasium as gym
-
-    import soar_env  # noqa: F401
-
     settings = dict(overrides)
     g = int(settings.pop("num_datasets", 0) or 0)
     t0 = time.perf_counter()
@@ -114,8 +116,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.hardset:
         common["hardset"] = args.hardset
     elif args.preset == "cpu":
-        from soar_env.data.hardset import bundled_hardset_path
-
         if not bundled_hardset_path().exists():
             common["hardset"] = FALLBACK_HARDSET
     rows = [r.strip() for r in (args.grid or DEFAULT_GRIDS[args.preset]).split(";") if r.strip()]

@@ -34,9 +34,10 @@ from typing import Any
 
 import torch
 
-from benchmarks.throughput import finish_run
+from benchmarks.timing import finish_run
 from soar_env.data.generators import sample_problems
-from soar_env.models.policy import LMPolicy, LoraSettings, Rollout
+from soar_env.data.hardset import bundled_hardset_path, load_hardset
+from soar_env.models import LMPolicy, LoraSettings, Rollout
 from soar_env.problems import Problem
 from soar_env.student import Student, StudentConfig
 from soar_env.verify import shutdown_grading_pool, warm_up
@@ -169,8 +170,6 @@ def learning_curve(args: argparse.Namespace, policy: LMPolicy) -> dict[str, Any]
 
 def hard_problems(args: argparse.Namespace) -> tuple[list[Problem], str]:
     if args.hard == "bundled":
-        from soar_env.data.hardset import bundled_hardset_path, load_hardset
-
         if bundled_hardset_path().exists():
             return load_hardset("bundled", split="train"), f"bundled hard set ({bundled_hardset_path().name}, train split)"
         print("  (no bundled hard set yet: using 5-digit products)")

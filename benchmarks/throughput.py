@@ -37,99 +37,24 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import argparse
-import json
+import importlib.metadata
 import platform
-import statistics
 import sys
 import tempfile
 import time
-from collections import defaultdict
-from contextlib import contextmanager
-from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
+import transformers
 
+from benchmarks.timing import PhaseTimer, Side, finish_run, report_pair
 from soar_env.data.generators import sample_problems
-from soar_env.models.policy import LLAMA_LINEAR_MODULES, LMPolicy, LoraSettings
-from soar_env.models.resolve import load_model
+from soar_env.models import LMPolicy, LoraSettings, load_model
+from soar_env.models.decoding import left_pad
 from soar_env.problems import Problem
 from soar_env.prompts import student_prompt
-from soar_env.rl.rloo import RLOOConfig, RLOOUpdater
+from soar_env.rl import RLOOConfig, RLOOUpdater
 from soar_env.verify import grade_many, shutdown_grading_pool, warm_up
-
-
-@dataclass
-class Side:
-    """Timed runs of one implementation: seconds, kept tokens and a per-phase breakdown per run."""
-
-    name: str
-    seconds: list[float] = field(default_factory=list)
-    tokens: list[int] = field(default_factory=list)
-    phases: list[dict[str, float]] = field(default_factory=list)
-    loads: list[float] = field(default_factory=list)
-
-    def add(self, seconds: float, tokens: int, phases: dict[str, float] | None = None) -> None:
-        self.seconds.append(seconds)
-        self.tokens.append(tokens)
-        self.phases.append(dict(phases or {}))
-        self.loads.append(os.getloadavg()[0])
-
-    def drop_warmup(self, n: int) -> None:
-        for values in (self.seconds, self.tokens, self.phases, self.loads):
-            del values[:n]
-
-    @property
-    def rates(self) -> list[float]:
-        return [t / s for t, s in zip(self.tokens, self.seconds)]
-
-    def summary(self) -> dict[str, Any]:
-        phases: dict[str, list[float]] = defaultdict(list)
-        for run in self.phases:
-            for key, value in run.items():
-                phases[key].append(value)
-        return {
-            "runs": len(self.seconds),
-            "seconds": _mean_std(self.seconds),
-            "tokens": _mean_std([float(t) for t in self.tokens]),
-            "tokens_per_s": _mean_std(self.rates),
-            "phases_s": {key: statistics.fmean(values) for key, values in phases.items()},
-            "load1": _mean_std(self.loads),
-            "raw_seconds": self.seconds,
-            "raw_tokens": self.tokens,
-        }
-
-
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    if not values:
-        return (float("nan"), float("nan"))
-    return (statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
-class PhaseTimer:
-    """Accumulates wall time per named phase; ``wrap`` times every call of a function."""
-
-    def __init__(self) -> None:
-        self.totals: dict[str, float] = defaultdict(float)
-
-    @contextmanager
-    def __call__(self, name: str) -> Iterator[None]:
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.totals[name] += time.perf_counter() - start
-
-    def wrap(self, function: Callable[..., Any], name: Callable[..., str] | str) -> Callable[..., Any]:
-        def timed(*args: Any, **kwargs: Any) -> Any:
-            with self(name(*args, **kwargs) if callable(name) else name):
-                return function(*args, **kwargs)
-
-        return timed
-
-    def take(self) -> dict[str, float]:
-        totals, self.totals = dict(self.totals), defaultdict(float)
-        return totals
 
 
 # ---------------------------------------------------------------------------------------------
@@ -157,11 +82,9 @@ def grade_rewards(texts: list[str], golds: list[str], require_box: bool) -> list
 
 def plain_generate(policy: LMPolicy, prompts: list[str], group_size: int, max_new_tokens: int, seed: int) -> int:
     """``model.generate`` on the prompts repeated ``group_size`` times; returns kept tokens."""
-    rows = [policy._encode(p) for p in prompts for _ in range(group_size)]
-    width = max(len(r) for r in rows)
-    pad = policy.tokenizer.pad_token_id
-    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])  # (P*G, width), left-padded
-    mask = (torch.arange(width)[None, :] >= torch.tensor([width - len(r) for r in rows])[:, None]).long()
+    rows = [policy.encode(p) for p in prompts for _ in range(group_size)]
+    ids, mask = left_pad(rows, policy.tokenizer.pad_token_id, policy.device)  # (P*G, width), as our sampler pads
+    width = ids.shape[1]
     with torch.random.fork_rng(devices=[]), torch.inference_mode():
         torch.manual_seed(seed)
         output = policy.model.generate(
@@ -243,8 +166,8 @@ class OurStep:
 
 def build_trl(args: argparse.Namespace, problems: list[Problem], total_steps: int, output_dir: str) -> tuple[Any, Side, PhaseTimer]:
     """A TRL RLOOTrainer on the same model, prompts and settings, with its phases timed."""
+    # TRL (and its datasets, peft) is optional: the generation comparison runs without it.
     from datasets import Dataset
-    from peft import LoraConfig
     from trl import RLOOConfig as TRLConfig
     from trl import RLOOTrainer
 
@@ -304,12 +227,8 @@ def build_trl(args: argparse.Namespace, problems: list[Problem], total_steps: in
         dataloader_num_workers=0,
         model_init_kwargs=None if args.lora else {"dtype": "float32"},
     )
-    peft_config = None
-    if args.lora:
-        peft_config = LoraConfig(
-            r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.0, target_modules=list(LLAMA_LINEAR_MODULES),
-            bias="none", task_type="CAUSAL_LM",
-        )
+    lora = lora_settings(args)
+    peft_config = lora.peft_config() if lora is not None else None
     trainer = RLOOTrainer(
         model=model, reward_funcs=reward, args=config, train_dataset=dataset, processing_class=tokenizer,
         peft_config=peft_config,
@@ -324,7 +243,8 @@ def build_trl(args: argparse.Namespace, problems: list[Problem], total_steps: in
 
 
 def bench_steps(args: argparse.Namespace) -> tuple[Side, Side, dict[str, Any]]:
-    from transformers import TrainerCallback
+    """Interleaved RLOO steps of ours and TRL's trainer: (ours, TRL, setup facts)."""
+    from transformers import TrainerCallback  # loads transformers' Trainer stack: only for the TRL side
 
     total = args.warmup + args.runs
     problems = make_problems(args, total)
@@ -337,7 +257,7 @@ def bench_steps(args: argparse.Namespace) -> tuple[Side, Side, dict[str, Any]]:
             "torch_threads_after_trl_init": torch.get_num_threads(),
         }
         # TRL tokenises the prompt text itself: check it gets our token ids.
-        ours_ids = ours.policy._encode(ours.policy.chat_prompt(student_prompt(problems[0].question)))
+        ours_ids = ours.policy.encode(ours.policy.chat_prompt(student_prompt(problems[0].question)))
         trl_ids = trainer._tokenize_prompts([trainer.train_dataset[0]["prompt"]])[0][0]
         info["same_prompt_tokens"] = list(trl_ids) == ours_ids
         if not info["same_prompt_tokens"]:
@@ -388,10 +308,6 @@ def machine() -> dict[str, Any]:
                 break
     except OSError:
         pass
-    import importlib.metadata
-
-    import transformers
-
     try:  # the generation comparison needs no TRL; only the step comparison does
         trl_version = importlib.metadata.version("trl")
     except importlib.metadata.PackageNotFoundError:
@@ -405,33 +321,6 @@ def machine() -> dict[str, Any]:
         "trl": trl_version,
         "python": platform.python_version(),
     }
-
-
-def fmt(pair: tuple[float, float], digits: int = 2) -> str:
-    return f"{pair[0]:.{digits}f} ± {pair[1]:.{digits}f}"
-
-
-def report_pair(title: str, ours: Side, other: Side) -> dict[str, Any]:
-    a, b = ours.summary(), other.summary()
-    ratio = a["tokens_per_s"][0] / b["tokens_per_s"][0]
-    speedup = b["seconds"][0] / a["seconds"][0]
-    print(f"\n{title}  ({a['runs']} runs each after warm-up)")
-    print(f"| {'side':34} | {'s / run':>14} | {'tokens / run':>14} | {'tokens/s':>14} | {'load1':>11} |")
-    print(f"|{'-' * 36}|{'-' * 16}:|{'-' * 16}:|{'-' * 16}:|{'-' * 13}:|")
-    for side, s in ((ours, a), (other, b)):
-        print(f"| {side.name:34} | {fmt(s['seconds']):>14} | {fmt(s['tokens'], 0):>14} | {fmt(s['tokens_per_s'], 1):>14} "
-              f"| {fmt(s['load1'], 1):>11} |")
-    # Paired ratios: run i of both sides ran back to back, so the load drift between pairs cancels.
-    paired_rate = [x / y for x, y in zip(ours.rates, other.rates)]
-    paired_time = [y / x for x, y in zip(ours.seconds, other.seconds)]
-    print(f"ratio ours/{other.name}: tokens/s x{ratio:.2f}, time per run x{speedup:.2f} faster (ratio of means); "
-          f"paired per run: tokens/s x{fmt(_mean_std(paired_rate))}, time x{fmt(_mean_std(paired_time))}")
-    for side, s in ((ours, a), (other, b)):
-        if s["phases_s"]:
-            parts = ", ".join(f"{k} {v:.2f}" for k, v in s["phases_s"].items())
-            print(f"  {side.name} mean per run: {parts}")
-    return {"ours": a, "other": b, "tokens_per_s_ratio": ratio, "time_speedup": speedup,
-            "paired_tokens_per_s_ratio": _mean_std(paired_rate), "paired_time_speedup": _mean_std(paired_time)}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -458,16 +347,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--skip-steps", action="store_true", help="only the generation comparison")
     parser.add_argument("--json", default=None, help="also write the results to this file")
     return parser.parse_args(argv)
-
-
-def finish_run(results: dict[str, Any], json_path: str | None) -> dict[str, Any]:
-    """Record the closing load average (it says how trustworthy the timings are) and save."""
-    results["load_end"] = os.getloadavg()
-    print("\nload average at end " + " ".join(f"{x:.2f}" for x in results["load_end"]))
-    if json_path:
-        with open(json_path, "w", encoding="utf-8") as handle:
-            json.dump(results, handle, indent=2, default=str)
-    return results
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

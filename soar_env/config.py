@@ -12,9 +12,10 @@ text in the ``soar`` command line (see ``soar_env.cli``).
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from dataclasses import dataclass
 from typing import Any
+
+from soar_env.options import replace_checked
 
 REWARD_MODES = ("grounded", "learnability", "variance")
 """``grounded``: accuracy gain on Q_R (SOAR). The other two are the intrinsic proxies the
@@ -86,29 +87,29 @@ class EnvConfig:
     lora_alpha: int = 32
     """LoRA scaling numerator (scale = alpha / rank)."""
     inner_steps: int = 10
-    """RLOO steps of one inner training before any promotion (paper: 10)."""
+    """{doc:soar_env.student.StudentConfig.steps} Paper: 10."""
     inner_steps_after_promotion: int = 15
-    """RLOO steps of one inner training once a promotion has happened (paper: 15)."""
+    """{doc:soar_env.student.StudentConfig.steps_after_promotion} Paper: 15."""
     batch_size: int = 8
-    """Problems per inner RLOO step (paper: 8)."""
+    """{doc:soar_env.student.StudentConfig.batch_size} Paper: 8."""
     group_size: int = 32
-    """Samples per problem in an inner RLOO step, the leave-one-out group (paper: 32)."""
+    """{doc:soar_env.student.StudentConfig.group_size} Paper: 32."""
     learning_rate: float = 1e-5
-    """Student AdamW learning rate, cosine schedule, no warm-up in the inner loop (paper: 1e-5)."""
+    """{doc:soar_env.rl.rloo.RLOOConfig.lr} The student's inner runs use no warm-up."""
     kl_coef: float = 1e-3
-    """KL penalty towards the baseline student in the inner loop (paper: 0.001)."""
+    """{doc:soar_env.rl.rloo.RLOOConfig.kl_coef}"""
     temperature: float = 1.0
-    """Student sampling temperature in the inner loop and the intrinsic modes (paper: 1.0)."""
+    """{doc:soar_env.student.StudentConfig.temperature} Also the intrinsic modes' sampling (paper: 1.0)."""
     max_new_tokens: int = 1024
-    """Longest student answer during inner training (paper: 1024)."""
+    """{doc:soar_env.student.StudentConfig.max_new_tokens} Paper: 1024."""
     eval_max_new_tokens: int | None = None
     """Longest student answer when measuring accuracy on Q_R (None: max_new_tokens)."""
     greedy_eval: bool = True
     """Measure Q_R accuracy with greedy decoding (paper); False samples at the temperature."""
     require_box: bool = True
-    """Grade only answers inside \\boxed{} (paper); False falls back to the reply's last number."""
+    """{doc:soar_env.student.StudentConfig.require_box} Paper: True."""
     grade_timeout: float = 5.0
-    """Seconds allowed to grade one answer."""
+    """{doc:soar_env.student.StudentConfig.grade_timeout}"""
 
     # --- data -----------------------------------------------------------------------------------
     hardset: str = "bundled"
@@ -245,10 +246,6 @@ DEFAULT_PRESET = "cpu"
 """Preset of ``gym.make("SOAR-MATH-v0")`` without arguments: the one that runs offline on a laptop."""
 
 
-def config_fields() -> list[str]:
-    return [f.name for f in dataclasses.fields(EnvConfig)]
-
-
 def make_config(preset: str | EnvConfig | None = DEFAULT_PRESET, **overrides: Any) -> EnvConfig:
     """A copy of ``preset`` (a name from PRESETS or an EnvConfig) with ``overrides`` applied.
 
@@ -263,13 +260,5 @@ def make_config(preset: str | EnvConfig | None = DEFAULT_PRESET, **overrides: An
         base = PRESETS[preset]
     else:
         raise ValueError(f"unknown preset {preset!r}; valid presets: {', '.join(PRESETS)}")
-    valid = config_fields()
-    unknown = [key for key in overrides if key not in valid]
-    if unknown:
-        hints = []
-        for key in unknown:
-            close = difflib.get_close_matches(key, valid, n=1)
-            hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-        raise ValueError(f"unknown EnvConfig setting(s): {', '.join(hints)}; valid settings: {', '.join(valid)}")
-    # replace() re-runs __post_init__, so overridden values are validated too.
-    return dataclasses.replace(base, **overrides)
+    # Unknown names fail with a close match; replace() re-runs __post_init__, so values are checked too.
+    return replace_checked(base, overrides, "EnvConfig")

@@ -107,10 +107,8 @@ MAX_ANSWER_CHARS = 500
 """Answers are final values: MATH's longest is ~50 characters, OlympiadBench lists stay well
 under this."""
 
-_QUESTION_OPEN = re.compile(r"<question>", re.IGNORECASE)
-_QUESTION_CLOSE = re.compile(r"</question>", re.IGNORECASE)
-_ANSWER_OPEN = re.compile(r"<answer>", re.IGNORECASE)
-_ANSWER_CLOSE = re.compile(r"</answer>", re.IGNORECASE)
+_TAG_RES = {tag: (re.compile(f"<{tag}>", re.IGNORECASE), re.compile(f"</{tag}>", re.IGNORECASE))
+            for tag in ("question", "answer")}
 _CONTROL_RE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 _SURROGATE_RE = re.compile(r"[\ud800-\udfff]")
 _SNIPPET_CHARS = 300
@@ -162,6 +160,23 @@ def _unbox_answer(answer: str) -> str | Rejection:
     return stripped
 
 
+def _tag_block(text: str, tag: str, start: int = 0, *, after: str = "") -> tuple[str, int] | Rejection:
+    """The content of the one ``<tag>...</tag>`` block at or after ``start``, and where the block ends.
+
+    ``after`` completes the "no tag" detail (e.g. " after the question").
+    """
+    open_re, close_re = _TAG_RES[tag]
+    opens = list(open_re.finditer(text, start))
+    if not opens:
+        return _reject(f"missing_{tag}_tag", f"no <{tag}> tag{after}", text)
+    if len(opens) > 1:
+        return _reject(f"multiple_{tag}s", f"{len(opens)} <{tag}> tags", text)
+    close = close_re.search(text, opens[0].end())
+    if close is None:
+        return _reject(f"missing_{tag}_tag", f"<{tag}> is never closed", text)
+    return text[opens[0].end() : close.start()], close.end()
+
+
 def _validated(
     question: str, answer: str, *, source: str, max_question_chars: int, max_answer_chars: int,
     require_parsable: bool, timeout: float,
@@ -198,28 +213,18 @@ def parse_teacher_output(
             return _reject("wrong_type", f"teacher output must be str, got {type(text).__name__}", text)
         if not text.strip():
             return _reject("empty", "the teacher output is empty", text)
-        opens = list(_QUESTION_OPEN.finditer(text))
-        if not opens:
-            return _reject("missing_question_tag", "no <question> tag", text)
-        if len(opens) > 1:
-            return _reject("multiple_questions", f"{len(opens)} <question> tags", text)
-        close = _QUESTION_CLOSE.search(text, opens[0].end())
-        if close is None:
-            return _reject("missing_question_tag", "<question> is never closed", text)
-        answer_opens = list(_ANSWER_OPEN.finditer(text, close.end()))
-        if not answer_opens:
-            return _reject("missing_answer_tag", "no <answer> tag after the question", text)
-        if len(answer_opens) > 1:
-            return _reject("multiple_answers", f"{len(answer_opens)} <answer> tags", text)
-        answer_close = _ANSWER_CLOSE.search(text, answer_opens[0].end())
-        if answer_close is None:
-            return _reject("missing_answer_tag", "<answer> is never closed", text)
-        question = text[opens[0].end() : close.start()]
+        found = _tag_block(text, "question")
+        if isinstance(found, Rejection):
+            return found
+        question, question_end = found
+        found = _tag_block(text, "answer", question_end, after=" after the question")
+        if isinstance(found, Rejection):
+            return found
+        answer_block, _ = found
         if not question.strip():
             return _reject("empty_question", "nothing between the question tags", text)
         if len(question.strip()) > max_question_chars:
             return _reject("too_long", f"question longer than {max_question_chars} characters", question)
-        answer_block = text[answer_opens[0].end() : answer_close.start()]
         boxed = extract_boxed(answer_block)
         if boxed is None:
             return _reject("missing_box", "the answer is not inside \\boxed{...}", answer_block)

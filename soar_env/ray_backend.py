@@ -25,8 +25,11 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import torch
+
 from soar_env.config import EnvConfig
 from soar_env.runs import RunRecord, RunSpec, execute_run
+from soar_env.student import build_student
 
 RESTART_POLL_SECONDS = 0.5
 """Pause between pings of a worker that Ray is restarting."""
@@ -44,10 +47,8 @@ def require_ray() -> Any:
 
 
 def load_student_factory(spec: str | None) -> Callable[[EnvConfig], Any]:
-    """``"module:function"`` -> the callable; None -> the env's own student builder."""
+    """``"module:function"`` -> the callable; None -> `soar_env.student.build_student`, as the env's own."""
     if spec is None:
-        from soar_env.envs.soar_math import build_student
-
         return build_student
     module_name, _, attribute = spec.partition(":")
     if not module_name or not attribute:
@@ -59,8 +60,6 @@ class StudentWorker:
     """A Ray actor: one student replica that executes run specs against a baseline it caches."""
 
     def __init__(self, config: EnvConfig, threads: int) -> None:
-        import torch
-
         torch.set_num_threads(max(1, threads))
         self.student = load_student_factory(config.ray_student_factory)(config)
         self.baseline_id: int | None = None
@@ -70,7 +69,7 @@ class StudentWorker:
         """Trained weights of this step's runs, by run index, until the env picks one."""
 
     def run(self, spec: RunSpec, baseline_id: int, baseline_box: list[Any], step: int) -> RunRecord:
-        import ray
+        import ray  # the optional extra: only ever imported inside a Ray worker
 
         if step != self.step:
             self.step, self.states = step, {}

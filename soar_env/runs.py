@@ -17,6 +17,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import torch
+
 from soar_env.problems import Problem
 
 
@@ -82,8 +84,6 @@ def same_state(a: Any, b: Any) -> bool:
     if a is b:
         return True
     try:
-        import torch
-
         if not isinstance(a, Mapping) or not isinstance(b, Mapping) or a.keys() != b.keys():
             return False
         for key, value in a.items():

@@ -1,6 +1,6 @@
 """The SOAR inner loop: train a copy of the baseline student on a problem set, then evaluate it.
 
-    student = Student(LMPolicy.from_name("tiny"), StudentConfig(steps=2, batch_size=2, group_size=4))
+    student = build_student(make_config("tiny"))      # or Student(policy, StudentConfig(...))
     result = student.train(problems)                  # RLOO from the baseline; baseline untouched
     gain = student.evaluate(hard, state=result.state).accuracy - student.evaluate(hard).accuracy
     if promote_it: student.promote(result.state)      # the trained copy becomes the new baseline
@@ -8,26 +8,32 @@
 Between calls the policy always holds the *baseline* weights; a trained copy lives only in a
 `TrainResult.state` (the trainable tensors: LoRA adapters, or all weights without LoRA), so
 the g x r student runs of one teacher step never see each other and reset is a cheap copy.
+
+`StudentLike` is the part of `Student` the environments use (tests inject a scripted one);
+`build_student` makes the student an `EnvConfig` names.
 """
 
 from __future__ import annotations
 
+import os
 import random
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Protocol, Sequence
 
 import torch
 
-from soar_env import problems as problems_module
-from soar_env.problems import Problem, Rejection
+from soar_env.config import EnvConfig
+from soar_env.metrics import mean_pass_at_k
+from soar_env.problems import Problem, Rejection, to_problem
 from soar_env.prompts import student_prompt
 from soar_env.rl.rloo import NonFiniteLossError, RLOOConfig, RLOOUpdater
 from soar_env.verify import grade_many
 
 if TYPE_CHECKING:
-    from soar_env.models.policy import LMPolicy, Rollout
+    from soar_env.models.policy import LMPolicy
+    from soar_env.models.rollout import Rollout
 
 State = dict[str, torch.Tensor]
 """Trainable tensors of a policy, as returned by ``LMPolicy.state_dict_trainable``."""
@@ -58,21 +64,21 @@ class StudentConfig:
     grade_processes: int | None = None
     """Worker processes for grading; None lets the grader choose."""
     lr: float = 1e-5
-    """Peak AdamW learning rate of the inner run."""
+    """{doc:soar_env.rl.rloo.RLOOConfig.lr}"""
     kl_coef: float = 0.001
-    """KL penalty towards the reference (base) model; 0 skips the reference pass."""
+    """{doc:soar_env.rl.rloo.RLOOConfig.kl_coef}"""
     warmup_steps: int = 0
-    """Linear warm-up updates of each inner run (paper: 0)."""
+    """{doc:soar_env.rl.rloo.RLOOConfig.warmup_steps}"""
     weight_decay: float = 0.0
-    """AdamW decoupled weight decay."""
+    """{doc:soar_env.rl.rloo.RLOOConfig.weight_decay}"""
     max_grad_norm: float | None = 1.0
-    """Gradient-norm clip; None disables it."""
+    """{doc:soar_env.rl.rloo.RLOOConfig.max_grad_norm}"""
     min_lr_ratio: float = 0.0
-    """Fraction of the peak lr the cosine reaches at the end of an inner run."""
+    """{doc:soar_env.rl.rloo.RLOOConfig.min_lr_ratio}"""
     skip_zero_advantage: bool = True
-    """Skip updates whose advantages are all zero, so unsolvable batches leave weights exactly unchanged."""
+    """{doc:soar_env.rl.rloo.RLOOConfig.skip_zero_advantage}"""
     micro_batch_size: int | None = None
-    """Completions per forward/backward pass; None: the whole batch (batch_size x group_size) at once."""
+    """{doc:soar_env.rl.rloo.RLOOConfig.micro_batch_size}"""
     sample_batch_size: int = 64
     """Sequences generated together; lower it to bound memory."""
     seed: int = 0
@@ -146,55 +152,14 @@ class EvalResult:
         return mean_pass_at_k(self.correct, self.samples, ks)
 
 
-def pass_at_k(n: int, c: int, k: int) -> float:
-    """Unbiased pass@k from n samples with c correct: ``1 - C(n-c, k) / C(n, k)``.
+def inner_steps_for(promotions: int, steps: int, steps_after_promotion: int) -> int:
+    """RLOO steps of an inner run: ``steps`` until the first promotion, then ``steps_after_promotion``.
 
-    Computed as ``1 - prod_{i=n-c+1}^{n} (1 - k/i)`` (Chen et al., 2021, arXiv 2107.03374), which
-    never forms the huge binomials.
+    The paper's 10 and 15: a promoted student has already learned from easy data and needs
+    longer runs to move. The env applies it to its episode's promotions (`SOARCore.inner_steps`),
+    a bare `Student` to its own (`Student.default_steps`).
     """
-    if not 0 <= c <= n:
-        raise ValueError(f"need 0 <= c <= n, got n={n}, c={c}")
-    if not 1 <= k <= n:
-        raise ValueError(f"need 1 <= k <= n, got n={n}, k={k}")
-    if n - c < k:  # every k-subset contains a correct sample
-        return 1.0
-    prob_all_wrong = 1.0
-    for i in range(n - c + 1, n + 1):
-        prob_all_wrong *= 1.0 - k / i
-    return 1.0 - prob_all_wrong
-
-
-def mean_pass_at_k(
-    correct_counts: Sequence[int], n: int, ks: Sequence[int] = (1, 4, 8, 16, 32)
-) -> dict[int, float]:
-    """Mean of ``pass_at_k(n, c, k)`` over problems, for each k (k > n raises ValueError)."""
-    if not correct_counts:
-        raise ValueError("mean_pass_at_k needs at least one problem")
-    for k in ks:
-        if k > n:
-            raise ValueError(f"pass@{k} needs at least {k} samples per problem, got {n}")
-    return {k: sum(pass_at_k(n, c, k) for c in correct_counts) / len(correct_counts) for k in ks}
-
-
-def validate_problem(entry: Any) -> Problem | Rejection:
-    """``entry`` as a trainable ``Problem``, or the reason it is not one. Never raises."""
-    to_problem = getattr(problems_module, "to_problem", None)
-    try:
-        if to_problem is not None:
-            result = to_problem(entry)
-        elif isinstance(entry, Problem):
-            result = entry
-        else:
-            return Rejection("not_a_problem", f"expected a Problem, got {type(entry).__name__}", repr(entry)[:300])
-    except Exception as exc:  # a broken entry must be reported, never crash the run
-        return Rejection("invalid_entry", f"{type(exc).__name__}: {exc}", repr(entry)[:300])
-    if isinstance(result, Rejection):
-        return result
-    if not isinstance(result.question, str) or not result.question.strip():
-        return Rejection("empty_question", "the question is empty", repr(entry)[:300])
-    if not isinstance(result.answer, str) or not result.answer.strip():
-        return Rejection("empty_answer", "the answer is empty", repr(entry)[:300])
-    return result
+    return steps_after_promotion if promotions > 0 else steps
 
 
 def _clone_state(state: State) -> State:
@@ -224,7 +189,7 @@ class Student:
     @property
     def default_steps(self) -> int:
         """Steps of an inner run: ``steps``, or ``steps_after_promotion`` once promoted."""
-        return self.config.steps_after_promotion if self.promotions > 0 else self.config.steps
+        return inner_steps_for(self.promotions, self.config.steps, self.config.steps_after_promotion)
 
     def baseline_state(self) -> State:
         """A copy of the baseline's trainable tensors."""
@@ -278,10 +243,13 @@ class Student:
         seed = config.seed if seed is None else seed
         start = time.perf_counter()
 
+        # Checked here because `train` is public: run_pq and users pass loader rows, mappings or
+        # hand-made Problems (whose constructor checks nothing). Problems the env already
+        # validated pass through `to_problem` unchanged (the same objects come back).
         valid: list[Problem] = []
         skipped: list[tuple[int, Rejection]] = []
         for index, entry in enumerate(problems):
-            checked = validate_problem(entry)
+            checked = to_problem(entry)
             if isinstance(checked, Rejection):
                 skipped.append((index, checked))
             else:
@@ -400,13 +368,70 @@ class Student:
         )
 
 
+# ---------------------------------------------------------------------------------------------
+# What the environments need from a student, and the student a config names
+# ---------------------------------------------------------------------------------------------
+
+
+class StudentLike(Protocol):
+    """The part of `Student` the environments use; `soar_env.envs.testing.ScriptedStudent` is another.
+
+    The env passes every run's step count explicitly, so a student needs no promotion
+    counter of its own to serve an env.
+    """
+
+    def train(self, problems: Sequence[Problem], steps: int | None = None, batch_size: int | None = None,
+              group_size: int | None = None, *, seed: int | None = None) -> Any: ...
+
+    def evaluate(self, problems: Sequence[Problem], *, samples: int = 1, greedy: bool = True,
+                 state: Any = None, max_new_tokens: int | None = None, seed: int | None = None) -> Any: ...
+
+    def promote(self, state: Any) -> None: ...
+
+    def baseline_state(self) -> Any: ...
+
+
+def build_student(config: EnvConfig) -> Student:
+    """The student a config names: model, LoRA, device, sampler and inner-loop settings."""
+    # transformers and peft take seconds to import; only a real student needs them.
+    from soar_env.models.policy import LMPolicy, LoraSettings
+    from soar_env.models.resolve import resolve_device
+
+    lora = LoraSettings(r=config.lora_rank, alpha=config.lora_alpha) if config.lora else None
+    policy = LMPolicy.from_name(config.student_model, lora=lora, device=resolve_device(config.device),
+                                dtype=getattr(torch, config.dtype))
+    if config.student_checkpoint:
+        # Episode-start weights other than the pretrained ones, e.g. a promoted student of a past run.
+        policy.load(os.path.expanduser(config.student_checkpoint))
+    if config.sampler == "vllm":
+        from soar_env.models.vllm_sampler import VLLMSampler, VLLMSettings  # optional extra, CUDA only
+
+        policy.sampler = VLLMSampler(policy, VLLMSettings(gpu_memory_utilization=config.vllm_gpu_memory_utilization,
+                                                          lora_sync=config.vllm_lora_sync))
+    student_config = StudentConfig(
+        steps=config.inner_steps,
+        steps_after_promotion=config.inner_steps_after_promotion,
+        batch_size=config.batch_size,
+        group_size=config.group_size,
+        max_new_tokens=config.max_new_tokens,
+        temperature=config.temperature,
+        eval_max_new_tokens=config.eval_tokens,
+        require_box=config.require_box,
+        grade_timeout=config.grade_timeout,
+        lr=config.learning_rate,
+        kl_coef=config.kl_coef,
+        seed=config.seed if config.seed is not None else 0,
+    )
+    return Student(policy, student_config)
+
+
 __all__ = [
     "EvalResult",
     "State",
     "Student",
     "StudentConfig",
+    "StudentLike",
     "TrainResult",
-    "mean_pass_at_k",
-    "pass_at_k",
-    "validate_problem",
+    "build_student",
+    "inner_steps_for",
 ]

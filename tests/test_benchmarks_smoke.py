@@ -7,13 +7,7 @@ import torch
 
 from benchmarks import student_learning, throughput
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models are overhead-bound: one thread is fastest, and much faster on shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 TINY = ["--model", "tiny", "--problems", "1", "--group-size", "2", "--max-new-tokens", "4"]

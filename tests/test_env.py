@@ -7,7 +7,6 @@ promotion and reward logic is tested with `ScriptedStudent`, whose rewards are k
 from __future__ import annotations
 
 import doctest
-import warnings
 
 import gymnasium as gym
 import numpy as np
@@ -18,7 +17,8 @@ import soar_env
 from soar_env import rewards
 from soar_env.config import PRESETS, EnvConfig, make_config
 from soar_env.envs import soar_math, spaces
-from soar_env.envs.soar_math import OBS_FIELDS, SOARMathEnv
+from soar_env.envs.soar_math import SOARMathEnv
+from soar_env.envs.spaces import OBS_FIELDS
 from soar_env.envs.testing import ScriptedStudent, ranked_pool
 from soar_env.problems import Problem
 
@@ -36,11 +36,7 @@ def batch(tag: str = "x", n: int = 2) -> list[dict[str, str]]:
     return [{"question": f"What is {i} + {tag}?", "answer": str(i)} for i in range(n)]
 
 
-@pytest.fixture(autouse=True)
-def _quiet_transformers():
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=FutureWarning)
-        yield
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")  # transformers' deprecation notices
 
 
 # --- configs and registration ------------------------------------------------------------------
@@ -263,7 +259,7 @@ def test_reset_restores_episode_start_student_and_clears_pq():
     env.step(batch())
     assert student.baseline["skill"] == pytest.approx(0.3) and env.promotions == 1
     obs, info = env.reset(seed=0)
-    assert student.baseline["skill"] == pytest.approx(0.1) and student.promotions == 0
+    assert student.baseline["skill"] == pytest.approx(0.1)
     assert env.promotions == 0 and env.promoted_questions == [] and obs[1] == 0.0
     assert info["baseline_accuracy"] == pytest.approx(0.1)
 
@@ -309,7 +305,7 @@ def test_save_load_round_trip_with_scripted_student(tmp_path):
     for _ in range(3):
         env.step(batch())
     env.save(tmp_path / "env.pt")
-    assert not list(tmp_path.glob(".tmp-*")), "the temporary file is renamed away"
+    assert [p.name for p in tmp_path.iterdir()] == ["env.pt"], "the temporary file is renamed away"
     expected = [env.step(batch(str(i)))[:2] for i in range(3)]
 
     student = ScriptedStudent(POOL, gains=seeded_gain)

@@ -6,30 +6,35 @@ import csv
 import json
 import math
 import os
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
-from soar_env.evaluation import (
+from agents import StepRecord
+from benchmarks import evaluation
+from benchmarks.analysis import embedding_model_path
+from benchmarks.bench_config import BenchConfig
+from benchmarks.bench_report import aggregate, markdown_table
+from benchmarks.compare_teachers import main, run_study
+from benchmarks.evaluation import (
     EvalConfig,
     bootstrap_ci,
     bootstrap_pass_at_k,
     curve_slope,
-    hard_splits,
+    promoted_students_callback,
     run_pq,
     run_ps,
     should_stop,
 )
-from soar_env.student import mean_pass_at_k, pass_at_k
+from soar_env.config import make_config
+from soar_env.data.hardset import hard_splits
+from soar_env.metrics import mean_pass_at_k, pass_at_k
+from soar_env.student import build_student
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # -- pass@k ------------------------------------------------------------------------------------
@@ -97,9 +102,6 @@ def test_eval_config_validates():
 
 @pytest.fixture(scope="module")
 def tiny():
-    from soar_env.config import make_config
-    from soar_env.envs.soar_math import build_student
-
     config = make_config("tiny")
     train, test = hard_splits(config, seed=0)
     return config, train, test, build_student
@@ -145,10 +147,6 @@ def test_run_ps_picks_best_state(tiny):
 
 
 def test_compare_teachers_smoke(tmp_path):
-    import json
-
-    from benchmarks.compare_teachers import BenchConfig, run_study
-
     bench = BenchConfig(preset="tiny", methods="base-student,hard-only,random", seeds=2, pq_max_steps=2,
                         eval_every=1, samples=4, test_size=4, analysis_questions=8, out=str(tmp_path), plots=False)
     results = run_study(bench)
@@ -167,8 +165,6 @@ def test_compare_teachers_smoke(tmp_path):
     logged = {event.step: event.value for event in run.Scalars("test/pass_at_k")}
     assert logged == pytest.approx({int(k): 100 * v for k, v in results["rows"]["hard-only"][1]["pass_at_k"].items()})
     assert [e.step for e in run.Scalars("pq/heldout_greedy_accuracy")] == [s for s, _ in results["rows"]["hard-only"][1]["curve"]]
-    from soar_env.analysis import embedding_model_path
-
     if embedding_model_path() is not None:  # the paper's kernel is reported whenever the model is installed
         embedding = saved["analysis"]["random"]["vendi_embedding"]
         assert 1.0 <= embedding <= 8 and f"| Random | 8 | {embedding:.1f} |" in text
@@ -176,17 +172,11 @@ def test_compare_teachers_smoke(tmp_path):
 
 def test_compare_teachers_keeps_finished_jobs_of_a_killed_study(tmp_path, monkeypatch):
     """A study re-run on the same folder reuses every finished (method, seed) job and runs only the rest."""
-    import json
-
-    from benchmarks.compare_teachers import BenchConfig, run_study
-
     settings = dict(preset="tiny", methods="base-student,hard-only", pq_max_steps=2, eval_every=1, samples=4,
                     test_size=4, analysis_questions=8, out=str(tmp_path), plots=False)
     run_study(BenchConfig(seeds=1, **settings))  # as if killed after seed 0
     first = json.loads((tmp_path / "results.json").read_text())
     assert sorted(p.name for p in (tmp_path / "jobs").iterdir()) == ["base-student-seed0.json", "hard-only-seed0.json"]
-
-    import soar_env.evaluation as evaluation
 
     calls = []
 
@@ -213,8 +203,6 @@ def test_compare_teachers_keeps_finished_jobs_of_a_killed_study(tmp_path, monkey
 
 def test_compare_teachers_workers_give_the_same_table_as_one_process(tmp_path):
     """Jobs in two worker processes measure what one process measures; the table reads the job files in order."""
-    from benchmarks.compare_teachers import BenchConfig, run_study
-
     settings = dict(preset="tiny", methods="base-student,random", seeds=2, pq_max_steps=2, eval_every=1, samples=4,
                     test_size=4, analysis_questions=8, plots=False)
     one = run_study(BenchConfig(out=str(tmp_path / "one"), **settings))
@@ -229,9 +217,6 @@ def test_compare_teachers_workers_give_the_same_table_as_one_process(tmp_path):
 
 
 def test_compare_teachers_records_a_failed_job_and_goes_on(tmp_path, monkeypatch, capsys):
-    import soar_env.evaluation as evaluation
-    from benchmarks.compare_teachers import main
-
     original = evaluation.run_pq
 
     def broken_for_seed_0(config, *args, **kwargs):
@@ -256,7 +241,7 @@ def test_compare_teachers_records_a_failed_job_and_goes_on(tmp_path, monkeypatch
 KILLED_WORKER_HOOK = """
 import os
 if os.environ.get("SOAR_TEST_DIE_AT_SEED"):
-    import soar_env.evaluation as evaluation
+    import benchmarks.evaluation as evaluation
     original = evaluation.run_pq
     def dying(config, *args, **kwargs):
         if kwargs.get("seed") == int(os.environ["SOAR_TEST_DIE_AT_SEED"]):
@@ -268,8 +253,6 @@ if os.environ.get("SOAR_TEST_DIE_AT_SEED"):
 
 def test_compare_teachers_survives_a_killed_worker(tmp_path, monkeypatch):
     """A worker process that dies breaks its pool: the jobs in flight are recorded, a new pool runs the rest."""
-    from benchmarks.compare_teachers import BenchConfig, run_study
-
     hook = tmp_path / "hook"
     hook.mkdir()
     (hook / "sitecustomize.py").write_text(KILLED_WORKER_HOOK)  # imported at start-up by each spawned worker
@@ -288,11 +271,6 @@ def test_compare_teachers_survives_a_killed_worker(tmp_path, monkeypatch):
 
 def test_compare_teachers_resumes_a_soar_job_killed_after_meta_training(tmp_path, monkeypatch):
     """The teacher's checkpoints outlive a killed job; the re-run continues them instead of starting over."""
-    import json
-
-    import soar_env.evaluation as evaluation
-    from benchmarks.compare_teachers import BenchConfig, run_study
-
     settings = dict(preset="tiny", methods="soar", seeds=1, teacher_steps=2, pq_max_steps=2, eval_every=1,
                     samples=4, test_size=4, analysis_questions=8, out=str(tmp_path), plots=False)
     original = evaluation.run_pq
@@ -329,8 +307,6 @@ def test_compare_teachers_resumes_a_soar_job_killed_after_meta_training(tmp_path
 
 
 def test_table_averages_meta_training_compute_over_seeds():
-    from benchmarks.compare_teachers import BenchConfig, aggregate, markdown_table
-
     def entry(seed, tokens, seconds):
         meta = {"teacher_steps": 4, "meta_student_tokens": tokens, "meta_student_steps": 64,
                 "meta_seconds": seconds, "sample_seconds": 10.0}
@@ -347,8 +323,6 @@ def test_table_averages_meta_training_compute_over_seeds():
 
 
 def test_paper_table_has_paper_numbers():
-    from benchmarks.compare_teachers import BenchConfig, markdown_table
-
     row = {"seeds": 1, "pass_at_k": {str(k): [1.0, 0.5, 1.5] for k in (1, 4, 8, 16, 32)}, "student_steps": 10,
            "tokens": 100, "seconds": 1.0, "meta": None, "notes": []}
     text = markdown_table(BenchConfig(preset="paper", seeds=1), {"soar-pq": row, "hard-only": row})
@@ -357,11 +331,6 @@ def test_paper_table_has_paper_numbers():
 
 
 def test_promoted_students_callback_keeps_each_promotion():
-    from types import SimpleNamespace
-
-    from agents.base import StepRecord
-    from soar_env.evaluation import promoted_students_callback
-
     weights = {"w": torch.zeros(2)}
     env = SimpleNamespace(core=SimpleNamespace(student=SimpleNamespace(baseline_state=lambda: dict(weights))))
     recorder = promoted_students_callback()
@@ -374,10 +343,6 @@ def test_promoted_students_callback_keeps_each_promotion():
 
 
 def test_promoted_students_callback_on_a_resumed_run_starts_from_the_checkpoint_baseline():
-    from types import SimpleNamespace
-
-    from soar_env.evaluation import promoted_students_callback
-
     fresh = SimpleNamespace(core=SimpleNamespace(promotions=0, student=None))
     recorder = promoted_students_callback()
     recorder.init_callback(teacher=SimpleNamespace(num_steps=0), env=fresh, logger=None)

@@ -18,11 +18,7 @@ from soar_env.envs.testing import ScriptedStudent, ranked_pool
 pytest.importorskip("stable_baselines3")
 
 
-@pytest.fixture(autouse=True)
-def _quiet_transformers():
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=FutureWarning)
-        yield
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")  # transformers' deprecation notices
 
 
 def test_decode_action():

@@ -197,12 +197,12 @@ def test_trim_keeps_eos_and_cuts_at_stop(tiny_policy) -> None:
     tokenizer = tiny_policy.tokenizer
     eos = tokenizer.eos_token_id
     body = tokenizer("12 + 30 = 42</answer> and more", add_special_tokens=False)["input_ids"]
-    ids, text, stopped = tiny_policy._trim(body[:3] + [eos] + body[3:], [])
+    ids, text, stopped = tiny_policy.trim(body[:3] + [eos] + body[3:], [])
     assert ids == body[:3] + [eos] and stopped and text == tokenizer.decode(body[:3])
-    ids, text, stopped = tiny_policy._trim(body + [eos], ["</answer>"])
+    ids, text, stopped = tiny_policy.trim(body + [eos], ["</answer>"])
     assert stopped and text == "12 + 30 = 42</answer>" and eos not in ids
     assert "</answer>" not in tokenizer.decode(ids[:-1])
-    ids, text, stopped = tiny_policy._trim(body, ["never"])
+    ids, text, stopped = tiny_policy.trim(body, ["never"])
     assert ids == body and not stopped
 
 

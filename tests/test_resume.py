@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from agents.base import checkpoint_dirs
+from agents import checkpoint_dirs
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 3

@@ -8,14 +8,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from soar_env.rl import (
-    NonFiniteLossError,
-    RLOOConfig,
-    RLOOUpdater,
-    cosine_schedule,
-    rloo_advantages,
-    rloo_loss,
-)
+from soar_env.rl import NonFiniteLossError, RLOOConfig, RLOOUpdater, cosine_schedule, rloo_advantages, rloo_loss
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Student inner loop on the tiny random LM: train/evaluate/reset/promote, failures, pass@k."""
+"""Student inner loop on the tiny random LM: train/evaluate/reset/promote, failures."""
 
 from __future__ import annotations
 
@@ -12,14 +12,7 @@ import soar_env.rl.rloo as rloo_module
 import soar_env.student as student_module
 from soar_env.problems import Problem
 from soar_env.verify import GRADE_STATUSES
-from soar_env.student import (
-    EvalResult,
-    Student,
-    StudentConfig,
-    TrainResult,
-    mean_pass_at_k,
-    pass_at_k,
-)
+from soar_env.student import EvalResult, Student, StudentConfig, TrainResult, inner_steps_for
 
 PROBLEMS = [
     Problem("What is 2 + 3?", "5", source="test"),
@@ -136,6 +129,11 @@ def test_promote_changes_baseline_and_step_count(policy, parity_grader) -> None:
     assert states_equal(student.baseline_state(), result.state)
 
 
+def test_inner_steps_rule_is_the_papers_10_then_15() -> None:
+    """One rule for the bare student and the env: more steps once anything was promoted."""
+    assert [inner_steps_for(p, 10, 15) for p in (0, 1, 4)] == [10, 15, 15]
+
+
 def test_zero_reward_run_leaves_state_exactly_at_baseline(policy) -> None:
     """The Hard-Only plateau, with the real grader: a random LM never boxes a correct answer, so
     every reward is 0 and RLOO must not move the weights (not even by weight decay)."""
@@ -224,32 +222,3 @@ def test_evaluate_with_state_uses_that_state(policy, parity_grader) -> None:
     student.evaluate(PROBLEMS, max_new_tokens=6)
     base, other, base_again = parity_grader.responses
     assert base == base_again and other != base
-
-
-# ----------------------------------------------------------------------------------------------
-# pass@k
-
-
-def test_pass_at_k_hand_computed() -> None:
-    assert pass_at_k(4, 1, 2) == pytest.approx(0.5)  # 1 - C(3,2)/C(4,2) = 1 - 3/6
-    assert pass_at_k(4, 0, 2) == 0.0
-    assert pass_at_k(4, 4, 2) == 1.0
-    assert pass_at_k(5, 3, 3) == 1.0  # fewer than k wrong samples
-    for c in range(9):
-        assert pass_at_k(8, c, 1) == pytest.approx(c / 8)
-    assert pass_at_k(32, 2, 16) == pytest.approx(1 - math.comb(30, 16) / math.comb(32, 16))
-    assert pass_at_k(1000, 1, 500) == pytest.approx(0.5)  # no overflow for large n
-    with pytest.raises(ValueError):
-        pass_at_k(4, 1, 5)
-    with pytest.raises(ValueError):
-        pass_at_k(4, 5, 1)
-
-
-def test_mean_pass_at_k() -> None:
-    result = mean_pass_at_k([0, 1, 4], 4, ks=(1, 2, 4))
-    assert result[1] == pytest.approx((0 + 0.25 + 1) / 3)
-    assert result[2] == pytest.approx((0 + 0.5 + 1) / 3)
-    assert result[4] == pytest.approx((0 + 1 + 1) / 3)
-    assert set(mean_pass_at_k([3] * 5, 32)) == {1, 4, 8, 16, 32}
-    with pytest.raises(ValueError):
-        mean_pass_at_k([1, 2], 4, ks=(8,))

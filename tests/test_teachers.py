@@ -8,6 +8,7 @@ rewards are known and a step takes milliseconds. The LLM teachers use the tiny p
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import math
 import sys
@@ -29,10 +30,14 @@ from agents import (
     SB3Teacher,
     StopAfterPromotions,
     Teacher,
+    checkpoint_dirs,
+    latest_checkpoint,
     make_teacher_config,
+    run_learning,
 )
-from agents.base import checkpoint_dirs, latest_checkpoint, run_learning
-from agents.rloo_teacher import Draft, TeacherSampler, assemble_two_stage, build_rollout, close_box
+from agents.rloo_teacher import build_rollout
+from agents.teacher_sampling import Draft, TeacherSampler, assemble_two_stage
+from soar_env.verify.extract import text_before_closing_brace as close_box
 from agents.testing import (
     INVALID_PROBLEM,
     WRONG_BATCH_COUNT,
@@ -40,6 +45,7 @@ from agents.testing import (
     check_teacher,
     scripted_vector_env,
 )
+from soar_env.config import PRESETS
 from soar_env.problems import Problem, Rejection, to_problem
 from soar_env.rl import rloo_advantages
 
@@ -48,13 +54,7 @@ sys.path.insert(0, str(REPO))  # examples/ is importable from the repository roo
 from examples.my_teacher import MyTeacher  # noqa: E402
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread, and a busy machine does not oversubscribe."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_config(**overrides):
@@ -291,8 +291,6 @@ def test_teacher_presets_follow_the_paper():
     assert (paper.lr, paper.kl_coef, paper.warmup_steps, paper.temperature, paper.max_new_tokens) == \
         (1e-5, 0.001, 20, 1.0, 512)
     assert paper.prefill == "none" and paper.model is None  # same model as the student
-    from soar_env.config import PRESETS
-
     assert (PRESETS["paper"].num_datasets, PRESETS["paper"].problems_per_dataset) == (4, 64)
     with pytest.raises(ValueError, match="did you mean 'prefill'"):
         make_teacher_config("cpu", prefil="answer")
@@ -424,8 +422,6 @@ def test_sb3_teacher_runs_ppo_updates_and_says_which_extra_is_missing(monkeypatc
     logger = run_learning(teacher, scripted_vector_env(), 2, progress_bar=False, logger=Logger(None, writers=()))
     assert teacher.model._n_updates > 0  # the buffer filled after 2 steps and PPO trained
     assert any(key.startswith("teacher/ppo_") for key in logger.history[-1])
-
-    import importlib.util
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
+import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -11,6 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from agents.run_dir import TRAINER_FILE
+from agents.train import RUN_CONFIG, plan_run
 from soar_env import cli
 from soar_env.models.policy import LMPolicy
 
@@ -51,7 +56,7 @@ def no_model(monkeypatch):
         raise AssertionError("a model was loaded before the bad option was reported")
 
     monkeypatch.setattr(LMPolicy, "__init__", refuse)
-    monkeypatch.setattr("soar_env.envs.soar_math.build_student", refuse)
+    monkeypatch.setattr("soar_env.envs.core.build_student", refuse)
     monkeypatch.setattr("agents.rloo_teacher.tiny_format_model", refuse)
 
 
@@ -131,9 +136,6 @@ def test_a_user_teacher_runs_from_the_command_line(tmp_path, monkeypatch, capsys
 def test_soar_train_on_ray_starts_its_own_cluster(tmp_path):
     """`--backend ray` in a fresh process: the code itself starts a local Ray and trains on 2 workers."""
     pytest.importorskip("ray")
-    import os
-    import subprocess
-
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
     run_dir = tmp_path / "run"
     done = subprocess.run(
@@ -149,12 +151,6 @@ def test_soar_train_on_ray_starts_its_own_cluster(tmp_path):
 
 def test_a_resumed_run_from_before_micro_batching_updates_in_micro_batches(tmp_path):
     """Its run_config.json says micro_batch_size None (one pass, 17.5 GB at the cpu preset): memory-only, so the default wins."""
-    import dataclasses
-    import json
-
-    from agents.base import TRAINER_FILE
-    from agents.train import RUN_CONFIG, plan_run
-
     run_dir = tmp_path / "run"
     plan = plan_run({"teacher": "rloo", "preset": "tiny", "steps": 2, "run_dir": str(run_dir)}, {}, {})
     saved = {"train": dataclasses.asdict(plan.train), "env": plan.env.to_dict(),

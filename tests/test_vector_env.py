@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import warnings
 
 import gymnasium as gym
 import numpy as np
 import pytest
 
 import soar_env  # noqa: F401  (registers the ids)
+from soar_env.envs.soar_math import SOARMathEnv
 from soar_env.envs.testing import ScriptedStudent, ranked_pool
 from soar_env.envs.vector import SOARMathVectorEnv
 
@@ -30,11 +30,7 @@ def scripted_vec(gains, num_envs=3, **overrides) -> tuple[SOARMathVectorEnv, Scr
     return SOARMathVectorEnv(num_envs, "tiny", student=student, hard_pool=POOL, **settings), student
 
 
-@pytest.fixture(autouse=True)
-def _quiet_transformers():
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=FutureWarning)
-        yield
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")  # transformers' deprecation notices
 
 
 def test_make_vec_returns_the_custom_vector_env_on_tiny():
@@ -152,6 +148,29 @@ def test_vector_save_load_round_trip(tmp_path):
         np.testing.assert_array_equal(obs_a, obs_b)
         np.testing.assert_array_equal(r_a, r_b)
     assert resumed.promotions == envs.promotions == 1
+
+
+def test_load_names_the_changed_settings(tmp_path):
+    envs, _ = scripted_vec({"a": 0.1, "b": 0.0, "c": 0.2}, eval_subset_size=5)
+    envs.reset(seed=2)
+    envs.save(tmp_path / "vec.pt")
+    other, _ = scripted_vec({"a": 0.1, "b": 0.0, "c": 0.2}, eval_subset_size=5, promotion_threshold=0.5)
+    with pytest.warns(UserWarning, match=r"other settings \(saved, current\): \{'promotion_threshold': \(0.01, 0.5\)\}"):
+        other.load(tmp_path / "vec.pt")
+    single = SOARMathEnv("tiny", student=ScriptedStudent(POOL), hard_pool=POOL)
+    with pytest.raises(ValueError, match="holds a 'vector' env checkpoint, not a single env's"):
+        single.load(tmp_path / "vec.pt")
+
+
+@pytest.mark.parametrize("make", [
+    lambda: scripted_vec({"a": 0.0})[0],
+    lambda: SOARMathEnv("tiny", student=ScriptedStudent(POOL), hard_pool=POOL),
+], ids=["vector", "single"])
+def test_close_frees_the_student_and_the_baseline_cache(make):
+    env = make()
+    env.reset(seed=0)
+    env.close()
+    assert env.core._student is None and env.core._baseline_cache == {}
 
 
 def test_docstring_example():

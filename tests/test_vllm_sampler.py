@@ -20,6 +20,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from benchmarks import vllm_check
+from soar_env.config import make_config
 from soar_env.models import EMBEDDED_DEFAULT, LMPolicy, LoraSettings, Rollout, build_tiny_model, load_model
 from soar_env.models.vllm_sampler import (
     INSTALL_HINT,
@@ -37,7 +39,9 @@ from soar_env.models.vllm_sampler import (
     trainable_fingerprint,
     vllm_loadable,
 )
+from soar_env.problems import Problem
 from soar_env.prompts import student_prompt
+from soar_env.student import Student, StudentConfig, build_student
 
 QUESTIONS = [
     "What is 2 + 3?",
@@ -75,7 +79,7 @@ def outputs_for(rows: list[list[int]], prompts: list[list[int]] | None = None) -
 
 
 def first_stop_reference(tokenizer, ids: list[int], stop: str) -> list[int]:
-    """Shortest prefix whose text holds ``stop``, by a plain scan (independent of LMPolicy._trim)."""
+    """Shortest prefix whose text holds ``stop``, by a plain scan (independent of LMPolicy.trim)."""
     for k in range(1, len(ids) + 1):
         if stop in tokenizer.decode(ids[:k], skip_special_tokens=True):
             return ids[:k]
@@ -95,9 +99,6 @@ def test_building_without_vllm_names_the_extra(monkeypatch) -> None:
 
 
 def test_env_setting_sampler_vllm_is_validated_and_builds_the_sampler(monkeypatch) -> None:
-    from soar_env.config import make_config
-    from soar_env.envs.soar_math import build_student
-
     with pytest.raises(ValueError, match="needs a CUDA device"):
         make_config("tiny", sampler="vllm", device="cpu")
     with pytest.raises(ValueError, match="sampler must be one of"):
@@ -175,8 +176,8 @@ def test_outputs_become_the_rollout_the_transformers_path_returns() -> None:
             assert stop in expected.texts[0] and expected.stopped[0]
         step = 3 if greedy else 1  # greedy: one request per prompt
         outputs = outputs_for(expected.completion_ids[::step], expected.prompt_ids[::step])
-        got = rollout_from_outputs(outputs, [policy._encode(p) for p in prompts],
-                                   num_samples=3, greedy=greedy, trim=lambda ids: policy._trim(ids, [stop]))
+        got = rollout_from_outputs(outputs, [policy.encode(p) for p in prompts],
+                                   num_samples=3, greedy=greedy, trim=lambda ids: policy.trim(ids, [stop]))
         assert got.prompt_index == expected.prompt_index == [0, 0, 0, 1, 1, 1, 2, 2, 2]
         assert got.prompt_ids == expected.prompt_ids
         assert got.completion_ids == expected.completion_ids
@@ -197,7 +198,7 @@ def test_outputs_are_cut_after_eos_or_the_first_stop_string() -> None:
     ]
     prompts = [[1, 5, 9], [1, 7]]
     got = rollout_from_outputs(outputs_for(rows[:2] + rows[2:] + rows[:1], None), prompts, num_samples=2,
-                               greedy=False, trim=lambda ids: policy._trim(ids, ["</answer>"]))
+                               greedy=False, trim=lambda ids: policy.trim(ids, ["</answer>"]))
     assert got.prompt_index == [0, 0, 1, 1] and got.prompt_ids == [prompts[0]] * 2 + [prompts[1]] * 2
     assert got.completion_ids[0] == body[:4] + [eos] and got.stopped[0]
     assert got.texts[0] == tokenizer.decode(body[:4], skip_special_tokens=True)
@@ -209,7 +210,7 @@ def test_outputs_are_cut_after_eos_or_the_first_stop_string() -> None:
 
 def test_outputs_that_do_not_fit_the_requests_are_refused() -> None:
     policy = tiny_policy_with()
-    trim = lambda ids: policy._trim(ids, [])  # noqa: E731
+    trim = lambda ids: policy.trim(ids, [])  # noqa: E731
     with pytest.raises(RuntimeError, match="3 outputs for 4 requests"):
         rollout_from_outputs(outputs_for([[4]] * 3), [[1], [2]], num_samples=2, greedy=False, trim=trim)
     with pytest.raises(RuntimeError, match="out of order"):
@@ -276,7 +277,7 @@ def test_unmerged_export_is_the_base_model(tmp_path) -> None:
             p.add_(0.2)
     policy.save_pretrained_full(tmp_path, merge_lora=False)
     model, _ = load_model(str(tmp_path))
-    ids = torch.tensor([policy._encode(prompts_for(policy)[0])])
+    ids = torch.tensor([policy.encode(prompts_for(policy)[0])])
     with torch.no_grad(), policy.model.disable_adapter():
         base_logits = policy.model(input_ids=ids).logits
     with torch.no_grad():
@@ -337,8 +338,6 @@ def test_vllm_loads_folders_and_hub_ids_itself_and_gets_exports_otherwise(tmp_pa
 
 
 def test_vllm_check_script_parses_its_options(capsys) -> None:
-    from benchmarks import vllm_check
-
     with pytest.raises(SystemExit) as exit_info:
         vllm_check.parse_args(["--help"])
     assert exit_info.value.code == 0
@@ -409,7 +408,7 @@ def train_towards(policy: LMPolicy, prompt_ids: list[int], target: list[int], *,
 def check_sync_follows_training(policy: LMPolicy, sampler: VLLMSampler, lr: float) -> None:
     """After an update vLLM samples the trained weights, once per change; after a reset, the old ones."""
     prompt = policy.chat_prompt(student_prompt("What is 6 * 7?"))
-    ids = policy._encode(prompt)
+    ids = policy.encode(prompt)
     target = policy.tokenizer("\\boxed{42}", add_special_tokens=False)["input_ids"] + [policy.tokenizer.eos_token_id]
     baseline = policy.state_dict_trainable()
     before = sampler.sample([prompt], max_new_tokens=12, greedy=True)
@@ -456,7 +455,7 @@ class TestFullWeights:
     def test_first_tokens_follow_the_policy_distribution(self, full) -> None:
         policy, sampler = full
         prompt = prompts_for(policy)[0]
-        ids = policy._encode(prompt)
+        ids = policy.encode(prompt)
         with torch.no_grad():
             logits = policy.model(input_ids=torch.tensor([ids], device="cuda")).logits[0, -1].float().cpu()
         draws = 4096
@@ -512,9 +511,6 @@ class TestLoRA:
         check_sync_follows_training(policy, sampler, lr=1e-2)
 
     def test_student_trains_with_the_sampler_attached(self, lora) -> None:
-        from soar_env.problems import Problem
-        from soar_env.student import Student, StudentConfig
-
         policy, sampler = lora
         policy.sampler = sampler
         try:

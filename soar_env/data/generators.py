@@ -416,17 +416,10 @@ def word_problem(rng: np.random.Generator, difficulty: int) -> Problem:
 # ---------------------------------------------------------------------------------------
 # Public API
 
+# Each family is named after its function; the order is FAMILIES' order.
 _GENERATORS: dict[str, Callable[[np.random.Generator, int], Problem]] = {
-    "addition": addition,
-    "subtraction": subtraction,
-    "multiplication": multiplication,
-    "order_of_operations": order_of_operations,
-    "linear_equation": linear_equation,
-    "fraction": fraction,
-    "gcd_lcm": gcd_lcm,
-    "modular": modular,
-    "polynomial_roots": polynomial_roots,
-    "word_problem": word_problem,
+    family.__name__: family for family in (addition, subtraction, multiplication, order_of_operations, linear_equation,
+                                           fraction, gcd_lcm, modular, polynomial_roots, word_problem)
 }
 
 FAMILIES: tuple[str, ...] = tuple(_GENERATORS)

@@ -11,12 +11,17 @@ The build is resumable: each finished problem is appended to ``<out>.partial.jso
 soon as it is graded, and a restarted build with the same settings skips those. The result
 is ``<out>`` (one problem per line, with its ``split``, ``correct`` and ``samples``) and
 ``<out>.meta.json`` (the exact settings, pool statistics and timing).
+
+An env reads its hard pool with `load_hard_pool` (the ``hardset`` and ``hardset_split``
+settings); the benchmarks take both splits with `hard_splits`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import random
 import time
 from dataclasses import asdict, dataclass
 from importlib import resources
@@ -24,9 +29,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+from tqdm.auto import tqdm
 
+from soar_env.config import EnvConfig
+from soar_env.data.loaders import load_jsonl, load_problems, save_jsonl
 from soar_env.problems import Problem
 from soar_env.prompts import student_prompt
+from soar_env.verify import grade_many
 
 if TYPE_CHECKING:
     from soar_env.models.policy import LMPolicy
@@ -128,8 +137,6 @@ def count_correct(
 
     ``on_done(record)`` is called as each problem finishes, so the caller can persist it.
     """
-    from soar_env.verify import grade_many
-
     records: dict[str, dict] = {}
     active = {p.id: {"correct": 0, "samples": 0} for p in problems}
     by_id = {p.id: p for p in problems}
@@ -166,8 +173,6 @@ def count_correct(
 
 def build_hardset(config: HardSetConfig, policy: "LMPolicy | None" = None, progress: bool = True) -> HardSetResult:
     """Build (or resume) a hard set and write ``config.out`` and ``config.out + '.meta.json'``."""
-    from soar_env.data.loaders import load_problems, save_jsonl
-
     start = time.time()
     pool = load_problems(config.source)
     if config.limit is not None:
@@ -186,11 +191,9 @@ def build_hardset(config: HardSetConfig, policy: "LMPolicy | None" = None, progr
 
     if todo:
         if policy is None:
-            from soar_env.models.policy import LMPolicy
+            from soar_env.models.policy import LMPolicy  # transformers and peft: seconds to import
 
             policy = LMPolicy.from_name(config.model, lora=None)
-        from tqdm.auto import tqdm
-
         bar = tqdm(total=len(pool), initial=len(done), desc="hard set", unit="problem", disable=not progress)
         new_file = not partial_path.exists() or partial_path.stat().st_size == 0
         with partial_path.open("a", encoding="utf-8") as handle:
@@ -246,8 +249,6 @@ def bundled_hardset_path() -> Path:
 
 def load_hardset(path_or_name: str = "bundled", split: str | None = "train") -> list[Problem]:
     """Problems of a hard set file; ``"bundled"`` names the shipped default. ``split=None`` gives all."""
-    from soar_env.data.loaders import load_jsonl
-
     path = bundled_hardset_path() if path_or_name == "bundled" else Path(path_or_name)
     if not path.exists():
         raise FileNotFoundError(f"no hard set at {path}; build one with `soar hardset`")
@@ -260,3 +261,39 @@ def load_hardset(path_or_name: str = "bundled", split: str | None = "train") -> 
     if not chosen:
         raise ValueError(f"{path} has no problems in split {split!r}")
     return chosen
+
+
+def load_hard_pool(config: EnvConfig) -> list[Problem]:
+    """The problems Q_R is drawn from: a hard-set file's split, or any `load_problems` spec.
+
+    A jsonl whose rows carry a ``split`` (what ``soar hardset`` writes) gives that split only;
+    a plain problem file or a ``generator:``/``hf:`` spec is used whole.
+    """
+    spec = config.hardset
+    if spec == "bundled" or (spec.endswith(".jsonl") and os.path.isfile(os.path.expanduser(spec))):
+        rows = load_hardset(os.path.expanduser(spec) if spec != "bundled" else spec, split=None)
+        if any("split" in p.meta for p in rows):
+            rows = [p for p in rows if p.meta.get("split") == config.hardset_split]
+    else:
+        rows = load_problems(spec)
+    if not rows:
+        raise ValueError(f"the hard set {spec!r} (split {config.hardset_split!r}) has no problems")
+    return rows
+
+
+def hard_splits(config: EnvConfig, *, seed: int = 0) -> tuple[list[Problem], list[Problem]]:
+    """(hard train, hard test) of an env config's hard set.
+
+    A hard-set file with a ``split`` column gives its splits; a pool without one (the tiny
+    preset's generator) is split 50/50 at random with ``seed``, like the paper's hard sets.
+    """
+    pool = load_hard_pool(dataclasses.replace(config, hardset_split="train"))
+    if any("split" in p.meta for p in pool):
+        train = [p for p in pool if p.meta.get("split") == "train"]
+        test_pool = load_hard_pool(dataclasses.replace(config, hardset_split="test"))
+        test = [p for p in test_pool if p.meta.get("split") == "test"]
+        return train, test
+    order = list(range(len(pool)))
+    random.Random(seed).shuffle(order)
+    half = len(pool) // 2
+    return [pool[i] for i in sorted(order[:half])], [pool[i] for i in sorted(order[half:])]

@@ -38,10 +38,14 @@ import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable, TypedDict
 
+from soar_env.data.generators import FAMILIES, MAX_DIFFICULTY, MIN_DIFFICULTY, sample_problems
 from soar_env.problems import Problem, Rejection
-from soar_env.verify import extract_boxed
+from soar_env.verify.extract import drop_dollars, extract_boxed
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack  # typing.Unpack needs Python 3.11
 
 FORMATS: tuple[str, ...] = ("auto", "soar", "math", "olympiadbench", "gsm8k")
 """Accepted values of ``format=``."""
@@ -145,7 +149,7 @@ def _from_math(row: dict[str, Any]) -> tuple[str, str, dict[str, Any]]:
 def _strip_dollars(text: str) -> str:
     """``"$69$,$84$"`` -> ``"69, 84"``: drop math delimiters, keep escaped ``\\$``."""
     pieces = re.split(r"\$\s*,\s*\$", text.strip())
-    cleaned = [re.sub(r"(?<!\\)\$", "", piece).strip() for piece in pieces]
+    cleaned = [drop_dollars(piece) for piece in pieces]
     return ", ".join(piece for piece in cleaned if piece).rstrip(".").strip()
 
 
@@ -295,6 +299,16 @@ def default_source(path: str | Path) -> str:
     return Path(path).name.split(".", 1)[0] or "jsonl"
 
 
+class JsonlOptions(TypedDict, total=False):
+    """The keyword options of `read_jsonl`, which `load_jsonl` passes on."""
+
+    format: str
+    limit: int | None
+    source: str | None
+    question_field: str | None
+    answer_field: str | None
+
+
 def read_jsonl(
     path: str | Path,
     *,
@@ -314,18 +328,9 @@ def read_jsonl(
     )
 
 
-def load_jsonl(
-    path: str | Path,
-    *,
-    format: str = "auto",
-    limit: int | None = None,
-    source: str | None = None,
-    question_field: str | None = None,
-    answer_field: str | None = None,
-) -> list[Problem]:
-    """Problems of a jsonl file; skipped rows are counted in a `SkippedRowsWarning`."""
-    result = read_jsonl(path, format=format, limit=limit, source=source,
-                        question_field=question_field, answer_field=answer_field)
+def load_jsonl(path: str | Path, **options: Unpack[JsonlOptions]) -> list[Problem]:
+    """Problems of a jsonl file (options as `read_jsonl`); skipped rows are counted in a `SkippedRowsWarning`."""
+    result = read_jsonl(path, **options)
     _warn_skipped(result, str(path))
     return result.problems
 
@@ -362,7 +367,7 @@ def load_hf_dataset(
     name's last part, lower-cased (``"HuggingFaceH4/MATH-500"`` -> ``"math-500"``).
     """
     try:
-        import datasets
+        import datasets  # optional and slow to import: only this loader needs it
     except ImportError as error:
         raise ImportError(f"load_hf_dataset needs the `datasets` package: {INSTALL_HINT}") from error
     try:
@@ -414,8 +419,6 @@ _GENERATOR_OPTION = re.compile(r"([@#%])([0-9-]+)")
 
 def parse_generator_spec(text: str) -> GeneratorSpec:
     """Parse ``"FAMILIES[@D][#N][%SEED]"`` (the part after ``generator:``); options in any order."""
-    from soar_env.data.generators import FAMILIES, MAX_DIFFICULTY, MIN_DIFFICULTY
-
     match = _GENERATOR_SPEC.match(text.replace(" ", ""))
     if match is None:
         raise ValueError(f"bad generator spec {text!r}\n{SPEC_HELP}")
@@ -454,8 +457,6 @@ def load_problems(spec: str) -> list[Problem]:
     """
     spec = spec.strip()
     if spec.startswith("generator:"):
-        from soar_env.data.generators import sample_problems
-
         parsed = parse_generator_spec(spec[len("generator:"):])
         return sample_problems(parsed.n, parsed.seed, families=parsed.families,
                                difficulty=parsed.difficulty, unique=True)
@@ -473,7 +474,7 @@ def load_problems(spec: str) -> list[Problem]:
 
 
 __all__ = [
-    "FORMATS", "GeneratorSpec", "LoadResult", "SPEC_HELP", "SkippedRowsWarning", "default_source",
+    "FORMATS", "GeneratorSpec", "JsonlOptions", "LoadResult", "SPEC_HELP", "SkippedRowsWarning", "default_source",
     "detect_format", "load_hf_dataset", "load_jsonl", "load_problems", "parse_generator_spec",
     "read_jsonl", "rows_to_problems", "save_jsonl",
 ]

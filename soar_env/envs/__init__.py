@@ -42,10 +42,14 @@ def register_envs() -> None:
 
 def __getattr__(name: str) -> Any:
     # The classes import torch-heavy modules; load them only when asked for.
-    if name in ("SOARMathEnv", "SOARCore"):
-        from soar_env.envs import soar_math
+    if name == "SOARMathEnv":
+        from soar_env.envs.soar_math import SOARMathEnv
 
-        return getattr(soar_math, name)
+        return SOARMathEnv
+    if name == "SOARCore":
+        from soar_env.envs.core import SOARCore
+
+        return SOARCore
     if name == "SOARMathVectorEnv":
         from soar_env.envs.vector import SOARMathVectorEnv
 

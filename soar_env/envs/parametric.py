@@ -18,8 +18,10 @@ import numpy as np
 from gymnasium import spaces
 
 from soar_env.config import EnvConfig
-from soar_env.envs.soar_math import SOARMathEnv, StudentLike
+from soar_env.data.generators import FAMILIES, MAX_DIFFICULTY, MIN_DIFFICULTY, sample_problems
+from soar_env.envs.soar_math import SOARMathEnv
 from soar_env.problems import Problem
+from soar_env.student import StudentLike
 
 
 def decode_action(action: Any, families: Sequence[str], min_level: int, max_level: int) -> tuple[np.ndarray, int]:
@@ -110,8 +112,6 @@ class SOARMathParamEnv(SOARMathEnv):
     ) -> None:
         super().__init__(preset, config=config, student=student, hard_pool=hard_pool,
                          render_mode=render_mode, **overrides)
-        from soar_env.data.generators import FAMILIES, MAX_DIFFICULTY, MIN_DIFFICULTY
-
         self.families = tuple(families) if families is not None else FAMILIES
         unknown = [name for name in self.families if name not in FAMILIES]
         if not self.families or unknown:
@@ -121,8 +121,6 @@ class SOARMathParamEnv(SOARMathEnv):
 
     def problems_for(self, action: Any) -> tuple[list[Problem], np.ndarray, int]:
         """The problems a numeric action draws (with ``np_random``), its weights and level."""
-        from soar_env.data.generators import sample_problems
-
         weights, level = decode_action(action, self.families, self.min_level, self.max_level)
         problems = sample_problems(self.config.problems_per_dataset, self.np_random, families=self.families,
                                    weights=weights, difficulty=level)

@@ -1,4 +1,4 @@
-"""The action space of SOAR-MATH: a batch of (question, answer) problems.
+"""The spaces of SOAR-MATH: a batch of (question, answer) problems in, a student summary out.
 
 A teacher's action is text, so no numeric space fits. `ProblemBatch` is a Gymnasium
 ``Space`` whose ``sample()`` draws a valid random batch from the procedural generators
@@ -8,6 +8,9 @@ each a ``Problem``, a ``{"question": str, "answer": str}`` mapping or a ``(quest
 pair, with non-empty text.
 Well-formed is not the same as usable: the env still validates each entry with
 ``soar_env.problems.to_problem`` and drops what fails, with a reason.
+
+The observation is numeric: a ``Box`` of `OBS_FIELDS`, built by `observation_space` and
+filled by `make_observation`, the same for the single env and each row of the vector env.
 """
 
 from __future__ import annotations
@@ -16,11 +19,31 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
-from gymnasium.spaces import Space
+from gymnasium.spaces import Box, Space
 
+from soar_env.config import EnvConfig
+from soar_env.data.generators import sample_problems
 from soar_env.problems import Problem
 
 ProblemBatchType = tuple[Problem, ...]
+
+OBS_FIELDS = ("baseline_accuracy", "promotions", "step_fraction", "reward_average", "last_reward")
+"""Names of the observation's entries, in order."""
+
+
+def observation_space(config: EnvConfig) -> Box:
+    """Flat float32 Box: baseline accuracy, promotions, step fraction, reward average, last reward."""
+    low = np.array([0.0, 0.0, 0.0, -1.0, -1.0], dtype=np.float32)
+    high = np.array([1.0, float(config.episode_length), 1.0, 1.0, 1.0], dtype=np.float32)
+    return Box(low, high, dtype=np.float32)
+
+
+def make_observation(space: Box, baseline_accuracy: float, promotions: int, step_fraction: float,
+                     reward_average: float, last_reward: float) -> np.ndarray:
+    """One observation row (`OBS_FIELDS` order), clipped into ``space``."""
+    values = np.array([baseline_accuracy, promotions, step_fraction, reward_average, last_reward], dtype=np.float32)
+    # A penalty below -1 or a count past the horizon must not leave the space.
+    return np.clip(values, space.low, space.high).astype(np.float32)
 
 
 def is_well_formed_entry(entry: Any) -> bool:
@@ -79,8 +102,6 @@ class ProblemBatch(Space[ProblemBatchType]):
         """A random valid batch of ``sample_size`` generated problems (``mask`` is not supported)."""
         if mask is not None or probability is not None:
             raise NotImplementedError("ProblemBatch.sample() takes no mask or probability")
-        from soar_env.data.generators import sample_problems
-
         problems = sample_problems(self.sample_size, self.np_random, families=self.families,
                                    difficulty=self.difficulty)
         return tuple(problems)

@@ -10,38 +10,29 @@ hold g students and promote each on its own history, which is not SOAR.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
-import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 from gymnasium import spaces
+from gymnasium.utils import seeding
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
 from soar_env.config import EnvConfig, make_config
-from soar_env.envs.soar_math import (
-    CoreStateMixin,
-    CHECKPOINT_FORMAT,
-    DatasetResult,
-    SOARCore,
-    StepTimings,
-    StudentLike,
-    _invalid_reason,
-    _resolve_config,
-    atomic_save,
-    load_checkpoint,
-    make_observation,
-    observation_space,
-    rng_from_state,
-)
-from soar_env.envs.spaces import ProblemBatch
+from soar_env.envs.checkpoint import CheckpointMixin
+from soar_env.envs.core import CoreStateMixin, SOARCore
+from soar_env.envs.results import StepTimings, dataset_info
+from soar_env.envs.spaces import ProblemBatch, make_observation, observation_space
 from soar_env.problems import Problem
+from soar_env.rng import rng_from_state, rng_state
+from soar_env.student import StudentLike
 
 
-class SOARMathVectorEnv(CoreStateMixin, VectorEnv):
+class SOARMathVectorEnv(CoreStateMixin, CheckpointMixin, VectorEnv):
     """
     ## Description
 
@@ -117,7 +108,7 @@ class SOARMathVectorEnv(CoreStateMixin, VectorEnv):
     ) -> None:
         if num_envs is not None and "num_datasets" not in overrides:
             overrides["num_datasets"] = num_envs
-        self.config = _resolve_config(preset, config, overrides)
+        self.config = make_config(config if config is not None else preset, **overrides)
         self.num_envs = self.config.num_datasets if num_envs is None else int(num_envs)
         if self.num_envs < 1:
             raise ValueError(f"num_envs must be >= 1, got {num_envs}")
@@ -132,8 +123,7 @@ class SOARMathVectorEnv(CoreStateMixin, VectorEnv):
         self.action_space = spaces.Tuple([
             ProblemBatch(self.config.batch_limit, self.config.problems_per_dataset,
                          difficulty=self.config.sample_difficulty) for _ in range(self.num_envs)])
-        self.single_observation_space = observation_space(
-            EnvConfig(**{**self.config.to_dict(), "episode_length": self.horizon}))
+        self.single_observation_space = observation_space(dataclasses.replace(self.config, episode_length=self.horizon))
         self.observation_space = batch_space(self.single_observation_space, self.num_envs)
         self._steps = 0
         self._last_rewards = np.zeros(self.num_envs, dtype=np.float64)
@@ -145,8 +135,6 @@ class SOARMathVectorEnv(CoreStateMixin, VectorEnv):
     @property
     def np_random(self) -> np.random.Generator:
         if self._np_random is None:
-            from gymnasium.utils import seeding
-
             self._np_random, self._np_random_seed = seeding.np_random()
         return self._np_random
 
@@ -160,8 +148,6 @@ class SOARMathVectorEnv(CoreStateMixin, VectorEnv):
         if seed is None and self._np_random is None and self.config.seed is not None:
             seed = self.config.seed
         if seed is not None:
-            from gymnasium.utils import seeding
-
             self._np_random, self._np_random_seed = seeding.np_random(seed)
         start = time.perf_counter()
         self.core.new_episode(self.np_random)
@@ -205,26 +191,20 @@ class SOARMathVectorEnv(CoreStateMixin, VectorEnv):
         for k, (problems, rejected) in enumerate(checked):
             info: dict[str, Any] = {"num_valid": len(problems), "num_rejected": len(rejected),
                                     "rejected": rejected, "problems": tuple(problems)}
-            if k not in results:
-                rewards[k] = float(self.config.invalid_penalty)
-                info.update(invalid_action=True, reason=_invalid_reason(rejected), tokens=0,
-                            **_flat(DatasetResult(reward=rewards[k])))
-            else:
-                result = results[k]
-                rewards[k] = float(result.reward)
+            result = results.get(k)
+            rewards[k], outcome = dataset_info(result, rejected, self.config.invalid_penalty)
+            if result is not None:
                 train_s += result.train_seconds
                 eval_s += result.eval_seconds
-                info.update(invalid_action=False, reason=None, tokens=int(result.tokens), **_flat(result))
+            info.update(outcome)
             info["reward"] = float(rewards[k])
             per_env.append(info)
         results.clear()
 
         promoted_k = -1
-        if valid_k and self.core.can_promote:
-            step_reward = float(np.mean(rewards[valid_k]))
-            if self.core.tracker.update(step_reward) and best_problems is not None:
-                if self.core.promote(best_state, best_problems):
-                    promoted_k = best_k
+        # The g datasets are one teacher step: their mean reward enters the promotion window.
+        if valid_k and self.core.maybe_promote(float(np.mean(rewards[valid_k])), best_state, best_problems):
+            promoted_k = best_k
         self._last_rewards = rewards.copy()
         if self.config.resample_eval_subset:
             self.core.draw_eval_subset(self.np_random)
@@ -248,10 +228,8 @@ class SOARMathVectorEnv(CoreStateMixin, VectorEnv):
         return self._observations(), rewards, terminations, truncations, infos
 
     def close_extras(self, **kwargs: Any) -> None:
-        self.core.close()
-        self.core._student = None
-        self.core._initial_state = None
-        self.core._baseline_tensors = None
+        # Drop the model so closed envs free its memory; a later reset would rebuild it.
+        self.core.release()
 
     def _observations(self) -> np.ndarray:
         rows = [make_observation(self.single_observation_space, self._baseline_accuracy, self.core.promotions,
@@ -259,57 +237,42 @@ class SOARMathVectorEnv(CoreStateMixin, VectorEnv):
                                  float(self._last_rewards[k])) for k in range(self.num_envs)]
         return np.stack(rows).astype(np.float32)
 
-    # -- checkpoints -------------------------------------------------------------------------------
+    # -- checkpoints (save and restore: `CheckpointMixin`) ------------------------------------------
 
-    def save(self, path: str | os.PathLike[str]) -> None:
-        """Write baseline, PQ, window, step, rewards and RNG state atomically."""
-        if self._np_random is None:
-            raise RuntimeError("save() needs a reset() first: there is no episode to save")
-        payload = {
-            "format": CHECKPOINT_FORMAT,
-            "kind": "vector",
-            "config": self.config.to_dict(),
-            "num_envs": self.num_envs,
-            "horizon": self.horizon,
-            "core": self.core.state_dict(),
-            "steps": self._steps,
-            "last_rewards": self._last_rewards.tolist(),
-            "baseline_accuracy": self._baseline_accuracy,
-            "needs_reset": self._needs_reset,
-            "np_random": self._np_random.bit_generator.state,
-            "np_random_seed": self._np_random_seed,
-            "action_space_rng": [space.np_random.bit_generator.state for space in self.action_space.spaces],
-        }
-        atomic_save(payload, path)
+    checkpoint_kind = "vector"
 
     def load(self, path: str | os.PathLike[str]) -> np.ndarray:
         """Resume from ``save``; returns the observations the env had then."""
-        payload = load_checkpoint(path)
+        self._load(path)
+        return self._observations()
+
+    def _check_checkpoint(self, payload: Mapping[str, Any], path: str | os.PathLike[str]) -> None:
         if payload.get("kind") != "vector" or payload["num_envs"] != self.num_envs:
             raise ValueError(f"{path} holds a {payload.get('kind')!r} checkpoint for {payload.get('num_envs')} "
                              f"envs; this is a vector env of {self.num_envs}")
-        if payload["config"] != self.config.to_dict():
-            warnings.warn("loading a checkpoint written with other settings", stacklevel=2)
-        self.core.load_state_dict(payload["core"])
+
+    @classmethod
+    def _restore_args(cls, payload: Mapping[str, Any]) -> tuple[Any, ...]:
+        return (payload["num_envs"],)
+
+    def _checkpoint_fields(self) -> dict[str, Any]:
+        return {"num_envs": self.num_envs, "horizon": self.horizon, "steps": self._steps,
+                "last_rewards": self._last_rewards.tolist(), "baseline_accuracy": self._baseline_accuracy,
+                "needs_reset": self._needs_reset}
+
+    def _load_checkpoint_fields(self, payload: Mapping[str, Any]) -> None:
         self.horizon = int(payload["horizon"])
         self._steps = int(payload["steps"])
         self._last_rewards = np.asarray(payload["last_rewards"], dtype=np.float64)
         self._baseline_accuracy = float(payload["baseline_accuracy"])
         self._needs_reset = bool(payload["needs_reset"])
-        self._np_random = rng_from_state(payload["np_random"])
-        self._np_random_seed = payload["np_random_seed"]
-        for space, state in zip(self.action_space.spaces, payload["action_space_rng"]):
-            space._np_random = rng_from_state(state)
-        return self._observations()
 
-    @classmethod
-    def restore(cls, path: str | os.PathLike[str], *, student: StudentLike | None = None,
-                hard_pool: Sequence[Problem] | None = None, **overrides: Any) -> "SOARMathVectorEnv":
-        payload = load_checkpoint(path)
-        config = make_config(EnvConfig(**payload["config"]), **overrides)
-        envs = cls(payload["num_envs"], config=config, student=student, hard_pool=hard_pool)
-        envs.load(path)
-        return envs
+    def _action_rng_state(self) -> Any:
+        return [rng_state(space.np_random) for space in self.action_space.spaces]
+
+    def _load_action_rng_state(self, state: Any) -> None:
+        for space, space_state in zip(self.action_space.spaces, state):
+            space._np_random = rng_from_state(space_state)
 
 
 def _split_actions(actions: Any, num_envs: int) -> list[Any]:
@@ -330,7 +293,3 @@ class _WrongVectorAction:
 
     def __repr__(self) -> str:
         return f"<{self.detail}>"
-
-
-def _flat(result: DatasetResult) -> dict[str, Any]:
-    return result.info()

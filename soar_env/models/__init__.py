@@ -5,7 +5,8 @@ its optional vLLM sampler (imports vLLM only when a ``VLLMSampler`` is built).
     >>> student = LMPolicy.from_name("tiny")          # "smollm2-135m-instruct" for the real one
 """
 
-from soar_env.models.policy import LLAMA_LINEAR_MODULES, LMPolicy, LoraSettings, Rollout, Sampler
+from soar_env.models.decoding import Sampler
+from soar_env.models.policy import LLAMA_LINEAR_MODULES, LMPolicy, LoraSettings
 from soar_env.models.resolve import (
     EMBEDDED_DEFAULT,
     ModelLoadError,
@@ -13,7 +14,9 @@ from soar_env.models.resolve import (
     embedded_gguf_path,
     is_embedded_available,
     load_model,
+    resolve_device,
 )
+from soar_env.models.rollout import Rollout
 from soar_env.models.tiny import build_tiny_model, build_tiny_tokenizer
 from soar_env.models.vllm_sampler import VLLMSampler, VLLMSettings
 
@@ -33,4 +36,5 @@ __all__ = [
     "embedded_gguf_path",
     "is_embedded_available",
     "load_model",
+    "resolve_device",
 ]

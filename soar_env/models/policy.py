@@ -26,21 +26,22 @@ import dataclasses
 import inspect
 import json
 import warnings
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from peft.tuners.lora.layer import Linear as LoraLinear
-from safetensors.torch import save_file
 from torch import Tensor, nn
 from transformers import DynamicCache, GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
-from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers import StoppingCriteriaList
 
+from soar_env.models.decoding import SampleOptions, Sampler, SamplerBase, StopStrings, eos_token_ids, left_pad
+from soar_env.models.decoding import lora_merged, plan_batches, positions, seeded, trim_completion
+from soar_env.models.export import write_pretrained_folder
 from soar_env.models.resolve import load_model, prepare_tokenizer
+from soar_env.models.rollout import Completion, Rollout
 
 LLAMA_LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 """Every linear projection of a Llama block (also the names in Qwen2, Mistral, SmolLM2)."""
@@ -64,57 +65,13 @@ class LoraSettings:
     init_seed: int = 0
     """Seed of the adapter initialisation, so equal settings on equal models give equal policies."""
 
-
-class Sampler(Protocol):
-    """Another engine that samples for a policy, with the arguments and result of :meth:`LMPolicy.sample`."""
-
-    def sample(
-        self,
-        prompts: Sequence[str],
-        *,
-        num_samples: int,
-        temperature: float,
-        max_new_tokens: int,
-        stop: Sequence[str] | None,
-        greedy: bool,
-        seed: int | None,
-        batch_size: int,
-    ) -> Rollout: ...
+    def peft_config(self) -> LoraConfig:
+        """These settings as peft's ``LoraConfig`` (causal LM, no bias adapters)."""
+        return LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout,
+                          target_modules=list(self.target_modules), bias="none", task_type="CAUSAL_LM")
 
 
-@dataclass
-class Rollout:
-    """Completions sampled for a list of prompts, grouped prompt-major.
-
-    Row ``i`` belongs to prompt ``prompt_index[i]``; the ``num_samples`` rows of prompt 0 come
-    first, then those of prompt 1, and so on, so ``reshape(num_prompts, num_samples)`` of any
-    per-row quantity gives the RLOO groups.
-    """
-
-    prompt_index: list[int]
-    """Which prompt each completion answers (index into the ``prompts`` passed to ``sample``)."""
-    prompt_ids: list[list[int]]
-    """Token ids of each row's prompt, unpadded; rows of one prompt share one list object."""
-    completion_ids: list[list[int]]
-    """Generated token ids, cut after the first stop string or eos (eos kept, so the policy is
-    trained to stop)."""
-    texts: list[str]
-    """Decoded completions without the prompt or special tokens, cut at the end of the stop
-    string. A forced reply prefix (``chat_prompt(reply_prefix=...)``) is part of the prompt,
-    not of the text."""
-    stopped: list[bool]
-    """True when a row ended with eos or a stop string, False when ``max_new_tokens`` cut it."""
-
-    @property
-    def num_tokens(self) -> int:
-        """Generated tokens over all rows (what throughput is measured in)."""
-        return sum(len(ids) for ids in self.completion_ids)
-
-    def __len__(self) -> int:
-        return len(self.completion_ids)
-
-
-class LMPolicy:
+class LMPolicy(SamplerBase):
     """A causal LM with its tokenizer, for sampling and for policy-gradient training.
 
     The policy owns ``model``: it moves it to ``device``, replaces its generation defaults
@@ -146,7 +103,7 @@ class LMPolicy:
         self.merge_lora_for_sampling = merge_lora_for_sampling
         """Sample with the adapters folded into the weights: the same tokens, ~7% faster on the embedded model."""
         prepare_tokenizer(model, tokenizer)
-        self.eos_token_ids = _eos_token_ids(model, tokenizer)
+        self.eos_token_ids = eos_token_ids(model, tokenizer)
         model.generation_config = GenerationConfig(
             bos_token_id=model.generation_config.bos_token_id,
             eos_token_id=self.eos_token_ids,
@@ -157,19 +114,11 @@ class LMPolicy:
             model.requires_grad_(True)
             self.model: nn.Module = model
         else:
-            config = LoraConfig(
-                r=lora.r,
-                lora_alpha=lora.alpha,
-                lora_dropout=lora.dropout,
-                target_modules=list(lora.target_modules),
-                bias="none",
-                task_type="CAUSAL_LM",
-            )
             with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
                 # peft reads a property that transformers 5 deprecated; nothing for users to do.
                 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
                 torch.manual_seed(lora.init_seed)
-                self.model = get_peft_model(model, config)
+                self.model = get_peft_model(model, lora.peft_config())
         self.model.eval()
         # transformers 5 renamed past_key_values to cache.
         decoder_arguments = inspect.signature(getattr(model, model.base_model_prefix).forward).parameters
@@ -224,72 +173,38 @@ class LMPolicy:
         text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return str(text) + reply_prefix
 
-    def sample(
-        self,
-        prompts: Sequence[str],
-        *,
-        num_samples: int = 1,
-        temperature: float = 1.0,
-        max_new_tokens: int = 256,
-        stop: Sequence[str] | None = None,
-        greedy: bool = False,
-        seed: int | None = None,
-        batch_size: int = 64,
-    ) -> Rollout:
-        """Sample ``num_samples`` completions of each prompt (full texts, e.g. from :meth:`chat_prompt`).
+    def encode(self, prompt: str) -> list[int]:
+        """Token ids of a full prompt text; its special tokens are already in the text."""
+        return list(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
 
-        Sampling is plain ancestral sampling at ``temperature`` (no top-k/top-p), so the
-        samples come from exactly the distribution :meth:`token_logprobs` scores.
-        ``greedy=True`` (or ``temperature <= 0``) decodes greedily. With ``seed`` the result is
-        reproducible and the global torch RNG is left untouched; without it the global RNG is
-        used. ``batch_size`` counts sequences decoded together. With :attr:`sampler` set, that
-        engine samples instead (it syncs the current weights first).
-        """
+    def trim(self, generated: list[int], stops: Sequence[str]) -> Completion:
+        """A generated row cut after its first eos or stop string (see :func:`~soar_env.models.decoding.trim_completion`)."""
+        return trim_completion(self.tokenizer, self.eos_token_ids, generated, stops)
+
+    def _sample(self, prompts: Sequence[str], options: SampleOptions) -> Rollout:
+        """:meth:`sample` on this transformers model, or on :attr:`sampler` when one is set."""
         if self.sampler is not None:
-            return self.sampler.sample(
-                prompts,
-                num_samples=num_samples,
-                temperature=temperature,
-                max_new_tokens=max_new_tokens,
-                stop=stop,
-                greedy=greedy,
-                seed=seed,
-                batch_size=batch_size,
-            )
-        greedy = greedy or temperature <= 0
-        stops = [s for s in (stop or []) if s]
-        encoded = [self._encode(prompt) for prompt in prompts]
-        # Greedy samples of one prompt are identical: decode once, copy afterwards.
-        draws = 1 if greedy else num_samples
+            return self.sampler.sample(prompts, **options.as_kwargs())
+        greedy, stops = options.decodes_greedily, options.stops
+        encoded = [self.encode(prompt) for prompt in prompts]
         # Similar lengths in one batch waste less left padding.
         order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
-        per_prompt: list[list[tuple[list[int], str, bool]]] = [[] for _ in prompts]
+        per_prompt: list[list[Completion]] = [[] for _ in prompts]
+        merge = self.lora is not None and self.merge_lora_for_sampling
         was_training = self.model.training
         self.model.eval()
         try:
-            with self._seeded(seed), self._merged_adapters(), torch.inference_mode():
-                for group, repeats in _plan_batches(order, draws, batch_size):
-                    prompt_ids = [encoded[i] for i in group]
-                    rows = self._generate(prompt_ids, repeats, temperature, greedy, max_new_tokens, stops)
-                    for k, i in enumerate(group):
-                        per_prompt[i].extend(rows[k * repeats : (k + 1) * repeats])
+            with seeded(options.seed, self.device), lora_merged(self.model) if merge else nullcontext():
+                with torch.inference_mode():
+                    for group, repeats in plan_batches(order, options.draws, options.batch_size):
+                        rows = self._generate(
+                            [encoded[i] for i in group], repeats, options.temperature, greedy, options.max_new_tokens, stops
+                        )
+                        for k, i in enumerate(group):
+                            per_prompt[i].extend(rows[k * repeats : (k + 1) * repeats])
         finally:
             self.model.train(was_training)
-        rollout = Rollout(prompt_index=[], prompt_ids=[], completion_ids=[], texts=[], stopped=[])
-        for i, rows in enumerate(per_prompt):
-            if greedy:
-                rows = rows * num_samples
-            for ids, text, stopped in rows:
-                rollout.prompt_index.append(i)
-                rollout.prompt_ids.append(encoded[i])
-                rollout.completion_ids.append(list(ids))
-                rollout.texts.append(text)
-                rollout.stopped.append(stopped)
-        return rollout
-
-    def _encode(self, prompt: str) -> list[int]:
-        """Token ids of a full prompt text; its special tokens are already in the text."""
-        return list(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        return Rollout.from_completions(encoded, per_prompt, copies=options.num_samples if greedy else 1)
 
     def _generate(
         self,
@@ -299,9 +214,9 @@ class LMPolicy:
         greedy: bool,
         max_new_tokens: int,
         stops: list[str],
-    ) -> list[tuple[list[int], str, bool]]:
+    ) -> list[Completion]:
         """One ``generate`` call: U prompts x ``repeats`` samples each, prompt-major."""
-        ids, mask = _left_pad(prompts, self.tokenizer.pad_token_id, self.device)  # (U, P)
+        ids, mask = left_pad(prompts, self.tokenizer.pad_token_id, self.device)  # (U, P)
         width = ids.shape[1]
         kwargs: dict[str, object] = {"max_new_tokens": max_new_tokens, "do_sample": not greedy}
         if not greedy:
@@ -313,7 +228,7 @@ class LMPolicy:
             self._decoder()(
                 input_ids=ids[:, :-1],
                 attention_mask=mask[:, :-1],
-                position_ids=_positions(mask[:, :-1]),
+                position_ids=positions(mask[:, :-1]),
                 use_cache=True,
                 **{self._cache_kwarg: cache},
             )
@@ -321,74 +236,9 @@ class LMPolicy:
             kwargs[self._cache_kwarg] = cache
         ids, mask = ids.repeat_interleave(repeats, 0), mask.repeat_interleave(repeats, 0)  # (U*repeats, P)
         if stops:
-            kwargs["stopping_criteria"] = StoppingCriteriaList([_StopStrings(self.tokenizer, stops, width)])
+            kwargs["stopping_criteria"] = StoppingCriteriaList([StopStrings(self.tokenizer, stops, width)])
         output = self.model.generate(input_ids=ids, attention_mask=mask, **kwargs)  # (U*repeats, P+T)
-        return [self._trim(row, stops) for row in output[:, width:].tolist()]
-
-    def _trim(self, generated: list[int], stops: list[str]) -> tuple[list[int], str, bool]:
-        """Cut a generated row after its first eos or stop string, whichever comes first.
-
-        Returns (kept ids, text, whether it stopped). A stop string can end inside a token;
-        that token is kept and the text is cut at the end of the stop string.
-        """
-        ids, stopped = generated, False
-        for position, token in enumerate(generated):
-            if token in self.eos_token_ids:
-                ids, stopped = generated[: position + 1], True
-                break
-        text = self.tokenizer.decode(ids, skip_special_tokens=True)
-        if stops and _first_stop_end(text, stops) is not None:
-            # Smallest prefix whose text already holds a stop string: binary search, ~log2(T) decodes.
-            low, high = 1, len(ids)
-            while low < high:
-                middle = (low + high) // 2
-                if _first_stop_end(self.tokenizer.decode(ids[:middle], skip_special_tokens=True), stops) is None:
-                    low = middle + 1
-                else:
-                    high = middle
-            ids, stopped = ids[:low], True
-            text = self.tokenizer.decode(ids, skip_special_tokens=True)
-            text = text[: _first_stop_end(text, stops)]
-        return ids, text, stopped
-
-    @contextmanager
-    def _seeded(self, seed: int | None) -> Iterator[None]:
-        """Seed the RNG that generate() draws from, restoring the caller's RNG afterwards."""
-        if seed is None:
-            yield
-            return
-        devices = [self.device] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(seed)
-            yield
-
-    @contextmanager
-    def _merged_adapters(self) -> Iterator[None]:
-        """Fold each adapter into its layer's weight for the duration of a sample() call.
-
-        A LoRA layer costs three matmuls per token; merged, one. The merged weights are new
-        tensors swapped in and the original weight objects swapped back afterwards, so the base
-        weights return bit for bit (merging in place and subtracting later would drift).
-        """
-        if self.lora is None or not self.merge_lora_for_sampling:
-            yield
-            return
-        swapped: list[tuple[nn.Module, nn.Parameter]] = []
-        adapter = self.model.active_adapter
-        try:
-            with torch.no_grad():
-                for module in self.model.modules():
-                    if isinstance(module, LoraLinear) and adapter in module.lora_A:
-                        layer = module.get_base_layer()
-                        # peft keeps adapters in float32 under a bfloat16/float16 model: merge, then round.
-                        merged = (layer.weight + module.get_delta_weight(adapter)).to(layer.weight.dtype)  # (out, in)
-                        swapped.append((layer, layer.weight))
-                        layer.weight = nn.Parameter(merged, requires_grad=False)
-            with self.model.disable_adapter():  # the merged weights already hold the adapters
-                yield
-        finally:
-            for layer, original in swapped:
-                layer.weight = original
+        return [self.trim(row, stops) for row in output[:, width:].tolist()]
 
     # ----------------------------------------------------------------------------------------
     # log-probs
@@ -448,12 +298,12 @@ class LMPolicy:
         # 1. One forward per distinct prompt; its rows attend to it through a shared KV cache.
         groups: dict[tuple[int, ...], int] = {}
         row_group = [groups.setdefault(tuple(p), len(groups)) for p in prompt_ids]
-        prompt_tensor, prompt_mask = _left_pad([list(p) for p in groups], self.tokenizer.pad_token_id, self.device)
+        prompt_tensor, prompt_mask = left_pad([list(p) for p in groups], self.tokenizer.pad_token_id, self.device)
         cache = self._new_cache()
         prompt_hidden = decoder(
             input_ids=prompt_tensor,
             attention_mask=prompt_mask,
-            position_ids=_positions(prompt_mask),
+            position_ids=positions(prompt_mask),
             use_cache=True,
             **{self._cache_kwarg: cache},
         ).last_hidden_state[:, -1]  # (U, H): left padding puts every prompt's last token last
@@ -545,34 +395,11 @@ class LMPolicy:
     def save_pretrained_full(self, folder: str | Path, *, merge_lora: bool = True) -> None:
         """Write a standard transformers folder (LoRA merged in) that ``load_model(folder)`` reads.
 
-        Written by hand (config + safetensors + tokenizer) because a GGUF-loaded model cannot
-        ``save_pretrained`` itself. ``merge_lora=False`` writes the base weights without the
-        adapters: the model a LoRA-serving engine (vLLM) applies adapters to.
+        Written by hand (:func:`~soar_env.models.export.write_pretrained_folder`) because a
+        GGUF-loaded model cannot ``save_pretrained`` itself. ``merge_lora=False`` writes the base
+        weights without the adapters: the model a LoRA-serving engine (vLLM) applies adapters to.
         """
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        if self.lora is None:
-            merged = self.model
-        elif merge_lora:
-            merged = copy.deepcopy(self.model).merge_and_unload()  # a copy: the adapters stay trainable
-        else:
-            merged = copy.deepcopy(self.model).unload()
-        state: dict[str, Tensor] = {}
-        seen: set[int] = set()
-        for name, tensor in merged.state_dict().items():
-            # Tied weights (lm_head = embeddings) are one tensor; safetensors stores it once.
-            if tensor.numel() > 0 and tensor.data_ptr() in seen:
-                continue
-            seen.add(tensor.data_ptr())
-            state[name] = tensor.detach().to("cpu").contiguous()
-        config = copy.deepcopy(merged.config)
-        if hasattr(config, "quantization_config"):
-            del config.quantization_config
-        config.architectures = [type(merged).__name__]
-        config.save_pretrained(folder)
-        merged.generation_config.save_pretrained(folder)
-        save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
-        self.tokenizer.save_pretrained(folder)
+        write_pretrained_folder(self.model, self.tokenizer, folder, merge_lora=merge_lora)
 
     # ----------------------------------------------------------------------------------------
     # modes and internals
@@ -603,82 +430,6 @@ class LMPolicy:
             return DynamicCache(config=self._base_model().config)
         except TypeError:  # transformers < 4.56 takes no config
             return DynamicCache()
-
-
-class _StopStrings(StoppingCriteria):
-    """Marks a row finished as soon as its generated text contains a stop string.
-
-    Only the last few tokens are decoded each step: a stop string of L bytes spans at most L
-    tokens, so the window always holds a freshly completed one.
-    """
-
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, stops: list[str], prompt_width: int) -> None:
-        self.tokenizer = tokenizer
-        self.stops = stops
-        self.prompt_width = prompt_width
-        self.window = max(len(s.encode()) for s in stops) + 1
-        self.done: Tensor | None = None
-
-    def __call__(self, input_ids: Tensor, scores: Tensor, **kwargs: object) -> Tensor:
-        # input_ids: (B, prompt_width + generated so far)
-        if self.done is None:
-            self.done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        rows = (~self.done).nonzero().flatten().tolist()
-        start = max(self.prompt_width, input_ids.shape[1] - self.window)
-        tails = self.tokenizer.batch_decode(input_ids[rows, start:], skip_special_tokens=True)
-        for row, tail in zip(rows, tails):
-            if any(stop in tail for stop in self.stops):
-                self.done[row] = True
-        return self.done.clone()
-
-
-def _plan_batches(order: list[int], draws: int, batch_size: int) -> Iterator[tuple[list[int], int]]:
-    """Split prompts x draws into generate() calls of at most ``batch_size`` rows.
-
-    Yields (prompt indices, samples per prompt); within one call every prompt has the same
-    number of samples, which lets their KV caches be expanded with one repeat.
-    """
-    if draws >= batch_size:
-        for i in order:
-            for start in range(0, draws, batch_size):
-                yield [i], min(batch_size, draws - start)
-    else:
-        per_call = batch_size // draws
-        for start in range(0, len(order), per_call):
-            yield order[start : start + per_call], draws
-
-
-def _left_pad(rows: list[list[int]], pad_id: int, device: torch.device) -> tuple[Tensor, Tensor]:
-    """(B, P) ids and attention mask, padded on the left so every row ends at column P-1."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(rows), width, dtype=torch.long)
-    for i, row in enumerate(rows):
-        if row:
-            ids[i, width - len(row) :] = torch.tensor(row)
-            mask[i, width - len(row) :] = 1
-    return ids.to(device), mask.to(device)
-
-
-def _positions(mask: Tensor) -> Tensor:
-    """Position ids that start at 0 on each row's first real token, as generate() computes them."""
-    return (mask.cumsum(-1) - 1).clamp(min=0)
-
-
-def _first_stop_end(text: str, stops: Sequence[str]) -> int | None:
-    """End index of the earliest stop string in ``text``, or None."""
-    ends = [text.find(s) + len(s) for s in stops if s in text]
-    return min(ends) if ends else None
-
-
-def _eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    """Every token that ends a reply: the tokenizer's eos and the checkpoint's (often a list)."""
-    ids: list[int] = []
-    configured = model.generation_config.eos_token_id
-    for token in [tokenizer.eos_token_id, *(configured if isinstance(configured, list) else [configured])]:
-        if token is not None and token not in ids:
-            ids.append(int(token))
-    return ids
 
 
 def _lora_from_json(data: dict[str, object] | None) -> LoraSettings | None:

@@ -23,6 +23,7 @@ import os
 from pathlib import Path
 
 import torch
+from huggingface_hub import constants as hub_constants
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedModel
 from transformers import PreTrainedTokenizerBase
 
@@ -63,7 +64,7 @@ def load_model(
         model, tokenizer = _load_embedded()
     elif name.lower() in TINY_NAMES:
         model, tokenizer = build_tiny_model(seed=0)
-    elif _looks_local(name):
+    elif looks_local(name):
         model, tokenizer = _load_local(Path(name).expanduser())
     else:
         model, tokenizer = _load_hub(name)
@@ -71,6 +72,13 @@ def load_model(
     model = model.to(device=device, dtype=dtype)
     model.eval()
     return model, tokenizer
+
+
+def resolve_device(name: str) -> str:
+    """``"auto"`` as ``"cuda"`` when a GPU is visible, else ``"cpu"``; any other name unchanged."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
 
 
 def wheel_file(distribution: str, path: str) -> Path | None:
@@ -152,7 +160,7 @@ def _drop_gguf_quantization(model: PreTrainedModel) -> None:
     model.is_quantized = False
 
 
-def _looks_local(name: str) -> bool:
+def looks_local(name: str) -> bool:
     """A path rather than a hub id: it exists, or it is spelled like a path."""
     return Path(name).expanduser().exists() or name.startswith(("/", "./", "../", "~")) or name.endswith(".gguf")
 
@@ -194,10 +202,8 @@ def _load_hub(model_id: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
 
 def _offline() -> bool:
     """HF offline mode, read from the environment now (huggingface_hub reads it once at import)."""
-    from huggingface_hub import constants
-
     flags = (os.environ.get("HF_HUB_OFFLINE", ""), os.environ.get("TRANSFORMERS_OFFLINE", ""))
-    return bool(constants.HF_HUB_OFFLINE) or any(f.strip().lower() in ("1", "true", "yes", "on") for f in flags)
+    return bool(hub_constants.HF_HUB_OFFLINE) or any(f.strip().lower() in ("1", "true", "yes", "on") for f in flags)
 
 
 def _from_pretrained(model_id: str, *, local_files_only: bool) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:

@@ -20,7 +20,7 @@ two engines must therefore agree on what they sample from:
   merged weights of the adapted layers; full fine-tuning sends every trainable tensor through
   ``model.load_weights`` in vLLM's worker;
 - the same post-processing: completions are cut after eos or the first stop string by the
-  policy's own ``_trim``, so ``Rollout`` rows mean exactly what they mean on the transformers path.
+  policy's own ``trim``, so ``Rollout`` rows mean exactly what they mean on the transformers path.
 
 Seeds: every sampled row gets its own vLLM seed, derived from ``seed``, the prompt index and
 the sample index (:func:`request_seed`), so a call is reproducible whatever vLLM batches
@@ -51,8 +51,9 @@ from peft.tuners.lora.layer import Linear as LoraLinear
 from peft.tuners.lora.layer import LoraLayer
 from torch import Tensor, nn
 
-from soar_env.models.policy import Rollout
-from soar_env.models.resolve import EMBEDDED_DEFAULT, TINY_NAMES, _looks_local
+from soar_env.models.decoding import SampleOptions, SamplerBase
+from soar_env.models.resolve import EMBEDDED_DEFAULT, TINY_NAMES, looks_local
+from soar_env.models.rollout import Completion, Rollout
 
 if TYPE_CHECKING:
     from soar_env.models.policy import LMPolicy
@@ -185,19 +186,19 @@ def rollout_from_outputs(
     *,
     num_samples: int,
     greedy: bool,
-    trim: Callable[[list[int]], tuple[list[int], str, bool]],
+    trim: Callable[[list[int]], Completion],
 ) -> Rollout:
     """Turn vLLM's request outputs into a prompt-major :class:`Rollout`.
 
     ``outputs[k]`` answers request ``k``; the requests were prompt-major: ``num_samples`` per
     prompt, or one per prompt when ``greedy`` (copied ``num_samples`` times, as the
     transformers path does). Each ``outputs[k].outputs[0].token_ids`` is cut by ``trim``
-    (``LMPolicy._trim``: after eos or the first stop string).
+    (``LMPolicy.trim``: after eos or the first stop string).
     """
     draws = 1 if greedy else num_samples
     if len(outputs) != len(prompt_ids) * draws:
         raise RuntimeError(f"vLLM returned {len(outputs)} outputs for {len(prompt_ids) * draws} requests")
-    rollout = Rollout(prompt_index=[], prompt_ids=[], completion_ids=[], texts=[], stopped=[])
+    completions: list[list[Completion]] = []
     for i, ids in enumerate(prompt_ids):
         rows = []
         for output in outputs[i * draws : (i + 1) * draws]:
@@ -205,15 +206,8 @@ def rollout_from_outputs(
             if sent is not None and list(sent) != ids:
                 raise RuntimeError(f"vLLM answered prompt {i} with other prompt tokens: outputs out of order")
             rows.append(trim(list(output.outputs[0].token_ids)))
-        if greedy:
-            rows = rows * num_samples
-        for kept, text, stopped in rows:
-            rollout.prompt_index.append(i)
-            rollout.prompt_ids.append(ids)
-            rollout.completion_ids.append(list(kept))
-            rollout.texts.append(text)
-            rollout.stopped.append(stopped)
-    return rollout
+        completions.append(rows)
+    return Rollout.from_completions(prompt_ids, completions, copies=num_samples if greedy else 1)
 
 
 def trainable_fingerprint(model: nn.Module) -> tuple[tuple[str, int, int, float], ...]:
@@ -271,7 +265,7 @@ def vllm_loadable(name: str | None) -> str | None:
     path = Path(name).expanduser()
     if path.is_dir():
         return str(path) if (path / "config.json").is_file() else None
-    return None if _looks_local(name) else name
+    return None if looks_local(name) else name
 
 
 class WorkerExtension:
@@ -289,11 +283,13 @@ class WorkerExtension:
         return len(weights)
 
 
-class VLLMSampler:
+class VLLMSampler(SamplerBase):
     """Samples like :meth:`LMPolicy.sample` on vLLM, keeping vLLM's weights in step with the policy.
 
     Attach it with ``policy.sampler = VLLMSampler(policy)``; ``policy.sample`` then delegates
     here. :attr:`syncs` counts weight pushes. Call :meth:`close` to free the GPU memory.
+    ``sample``'s ``batch_size`` is unused: vLLM schedules its own batches (bound them with
+    ``VLLMSettings(engine_args={"max_num_seqs": ...})``).
     """
 
     def __init__(self, policy: LMPolicy, settings: VLLMSettings | None = None) -> None:
@@ -351,37 +347,25 @@ class VLLMSampler:
 
     # ----------------------------------------------------------------------------------------
 
-    def sample(
-        self,
-        prompts: Sequence[str],
-        *,
-        num_samples: int = 1,
-        temperature: float = 1.0,
-        max_new_tokens: int = 256,
-        stop: Sequence[str] | None = None,
-        greedy: bool = False,
-        seed: int | None = None,
-        batch_size: int = 64,
-    ) -> Rollout:
-        """:meth:`LMPolicy.sample` on vLLM, after :meth:`sync`. ``batch_size`` is unused: vLLM
-        schedules its own batches (bound them with ``engine_args={"max_num_seqs": ...}``)."""
+    def _sample(self, prompts: Sequence[str], options: SampleOptions) -> Rollout:
+        """:meth:`LMPolicy.sample` on vLLM, after :meth:`sync`."""
+        num_samples, max_new_tokens = options.num_samples, options.max_new_tokens
         if num_samples < 1 or max_new_tokens < 1:
             raise ValueError(f"need num_samples >= 1 and max_new_tokens >= 1, got {num_samples}, {max_new_tokens}")
-        greedy = greedy or temperature <= 0
-        stops = [s for s in (stop or []) if s]
-        encoded = [self.policy._encode(prompt) for prompt in prompts]
+        greedy, stops = options.decodes_greedily, options.stops
+        encoded = [self.policy.encode(prompt) for prompt in prompts]
         if not encoded:
-            return Rollout(prompt_index=[], prompt_ids=[], completion_ids=[], texts=[], stopped=[])
+            return Rollout.from_completions([], [])
         self.sync()
+        seed = options.seed
         if seed is None:
             seed = int(torch.randint(2**31, (1,)).item())  # from the global RNG, as the transformers path
-        draws = 1 if greedy else num_samples
         requests, params = [], []
         for i, ids in enumerate(encoded):
-            for j in range(draws):
+            for j in range(options.draws):
                 requests.append({"prompt_token_ids": ids})  # a vllm.inputs.TokensPrompt
                 kwargs = sampling_kwargs(
-                    temperature=temperature,
+                    temperature=options.temperature,
                     greedy=greedy,
                     max_new_tokens=max_new_tokens,
                     stops=stops,
@@ -391,7 +375,7 @@ class VLLMSampler:
                 params.append(self._sampling_params(**kwargs))
         outputs = self.llm.generate(requests, params, use_tqdm=False, lora_request=self._lora_request)
         return rollout_from_outputs(
-            outputs, encoded, num_samples=num_samples, greedy=greedy, trim=lambda ids: self.policy._trim(ids, stops)
+            outputs, encoded, num_samples=num_samples, greedy=greedy, trim=lambda ids: self.policy.trim(ids, stops)
         )
 
     def sync(self, *, force: bool = False) -> bool:

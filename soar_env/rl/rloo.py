@@ -21,8 +21,9 @@ from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import torch
 
-if TYPE_CHECKING:  # the policy module imports heavy libraries; only its types are needed here
-    from soar_env.models.policy import LMPolicy, Rollout
+if TYPE_CHECKING:  # soar_env.models imports transformers and peft; only its types are needed here
+    from soar_env.models.policy import LMPolicy
+    from soar_env.models.rollout import Rollout
 
 
 class NonFiniteLossError(RuntimeError):
@@ -35,28 +36,40 @@ class NonFiniteLossError(RuntimeError):
 
 @dataclass
 class RLOOConfig:
-    """Optimiser and loss settings of one RLOO learner (paper values for both roles)."""
+    """Optimiser and loss settings of one RLOO learner; the defaults are the paper's, for both roles.
+
+    This is where these settings are documented: the student's, the teacher's and the env's
+    configs refer to the docstrings below with ``{doc:soar_env.rl.rloo.RLOOConfig.FIELD}``.
+    """
 
     lr: float = 1e-5
-    """Peak AdamW learning rate (paper: 1e-5 for teacher and student)."""
+    """Peak AdamW learning rate, reached after the warm-up and decayed by a cosine (paper: 1e-5 for
+    teacher and student; swept over 1e-6, 5e-6, 1e-5, 5e-5)."""
     kl_coef: float = 0.001
-    """Weight of the per-token KL penalty towards the reference model; 0 skips the reference pass."""
+    """Weight of the per-token KL penalty (k3 estimator) towards the reference model: the base
+    weights with LoRA, a frozen copy with full fine-tuning (paper: 0.001). 0 skips the reference pass."""
     warmup_steps: int = 0
-    """Updates over which the lr rises linearly to its peak (paper: 20 teacher, 0 inner loop)."""
+    """Updates over which the lr rises linearly to its peak (paper: 20 for the teacher, 0 in the
+    student's inner loop)."""
     weight_decay: float = 0.0
-    """AdamW decoupled weight decay."""
+    """AdamW decoupled weight decay (not stated in the paper)."""
     max_grad_norm: float | None = 1.0
-    """Clip the global gradient norm to this value; None disables clipping (the norm is still logged)."""
+    """Clip the global gradient norm to this value; None disables clipping, the norm is still
+    logged (not stated in the paper)."""
     betas: tuple[float, float] = (0.9, 0.999)
-    """AdamW moment coefficients."""
+    """AdamW moment coefficients (beta1, beta2), as in PyTorch (not stated in the paper)."""
     eps: float = 1e-8
-    """AdamW denominator epsilon."""
+    """AdamW denominator epsilon, as in PyTorch (not stated in the paper)."""
     min_lr_ratio: float = 0.0
-    """The cosine decays the lr to this fraction of its peak at the end of the run."""
+    """Fraction of the peak lr the cosine reaches at the end of the run (0: a full cosine to zero,
+    reached just after the last update)."""
     skip_zero_advantage: bool = True
-    """Skip forward, backward and optimizer step when every advantage is exactly zero (no signal)."""
+    """Skip forward, backward and optimizer step when every advantage is exactly zero (every group
+    all right or all wrong: no signal), so a batch the learner cannot solve leaves the weights
+    exactly unchanged (AdamW's weight decay would otherwise still move them)."""
     micro_batch_size: int | None = None
-    """Completions per forward/backward pass (gradients accumulate); None: the whole batch at once."""
+    """Completions per forward/backward pass, gradients accumulated over the batch (the result
+    equals one full-batch pass); None: the whole batch at once. Bounds memory only."""
 
 
 def rloo_advantages(rewards: torch.Tensor) -> torch.Tensor:
@@ -186,7 +199,7 @@ class RLOOUpdater:
         return float(self.optimizer.param_groups[0]["lr"])
 
     def update(
-        self, policy: "LMPolicy", rollout: "Rollout", rewards: Sequence[float], group_size: int
+        self, policy: LMPolicy, rollout: Rollout, rewards: Sequence[float], group_size: int
     ) -> dict[str, float]:
         """One RLOO step on a prompt-major rollout (P prompts x ``group_size`` completions).
 

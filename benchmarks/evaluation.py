@@ -1,6 +1,8 @@
 """The paper's evaluation protocols: PQ, PS, pass@k on the hard test split, bootstrap CIs.
 
-    from soar_env.evaluation import EvalConfig, run_pq, run_ps, bootstrap_ci
+    from soar_env.data.hardset import hard_splits
+    from benchmarks.evaluation import EvalConfig, run_pq, run_ps, bootstrap_ci
+    hard_train, hard_test = hard_splits(env_config, seed=0)
     result = run_pq(env_config, promoted_questions, hard_train, hard_test, EvalConfig(mode="curriculum"), seed=0)
     print(result.pass_at_k)                          # {1: 0.017, 4: 0.053, ...}
     mean, low, high = bootstrap_ci([r.pass_at_k[32] for r in results_over_seeds])
@@ -12,7 +14,7 @@
 - **PS**: of the students promoted during meta-training, the one with the best greedy accuracy
   on hard train is tested on hard test.
 - Testing: ``samples`` (32) sampled solutions per hard-test problem at the student temperature,
-  unbiased pass@k for k = 1, 4, 8, 16, 32 (`soar_env.student.mean_pass_at_k`).
+  unbiased pass@k for k = 1, 4, 8, 16, 32 (`soar_env.metrics.mean_pass_at_k`).
 - Early stop (a setting): every ``eval_every`` steps the greedy accuracy on a held-out slice of
   hard train is measured; training stops once the least-squares slope of the last
   ``slope_window`` points is <= ``min_slope`` (the paper: "slope-based", details not stated).
@@ -33,7 +35,9 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from soar_env.student import mean_pass_at_k, pass_at_k
+from agents import BaseCallback, env_core
+from soar_env.options import check_minimum
+from soar_env.metrics import mean_pass_at_k, pass_at_k
 
 DEFAULT_KS = (1, 4, 8, 16, 32)
 MODES = ("curriculum", "mixed")
@@ -74,11 +78,8 @@ class EvalConfig:
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
-        for name in ("max_steps", "samples", "eval_every", "slope_window"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
-        if self.synthetic_steps < 0 or self.heldout_size < 0:
-            raise ValueError("synthetic_steps and heldout_size must be >= 0")
+        check_minimum(self, ("max_steps", "samples", "eval_every", "slope_window"), 1)
+        check_minimum(self, ("synthetic_steps", "heldout_size"), 0)
 
     @property
     def ks(self) -> tuple[int, ...]:
@@ -187,31 +188,6 @@ def should_stop(points: Sequence[tuple[int, float]], window: int, min_slope: flo
 
 
 # ---------------------------------------------------------------------------------------------
-# Data
-# ---------------------------------------------------------------------------------------------
-
-
-def hard_splits(config: Any, *, seed: int = 0) -> tuple[list[Any], list[Any]]:
-    """(hard train, hard test) of an env config's hard set.
-
-    A hard-set file with a ``split`` column gives its splits; a pool without one (the tiny
-    preset's generator) is split 50/50 at random with ``seed``, like the paper's hard sets.
-    """
-    from soar_env.envs.soar_math import load_hard_pool
-
-    pool = load_hard_pool(dataclasses.replace(config, hardset_split="train"))
-    if any("split" in p.meta for p in pool):
-        train = [p for p in pool if p.meta.get("split") == "train"]
-        test_pool = load_hard_pool(dataclasses.replace(config, hardset_split="test"))
-        test = [p for p in test_pool if p.meta.get("split") == "test"]
-        return train, test
-    order = list(range(len(pool)))
-    random.Random(seed).shuffle(order)
-    half = len(pool) // 2
-    return [pool[i] for i in sorted(order[:half])], [pool[i] for i in sorted(order[half:])]
-
-
-# ---------------------------------------------------------------------------------------------
 # Protocols
 # ---------------------------------------------------------------------------------------------
 
@@ -239,13 +215,14 @@ def run_pq(config: Any, promoted: Sequence[Any], hard_train: Sequence[Any], hard
     With ``promoted`` empty this is the paper's Hard-Only baseline (pass ``protocol="Hard-Only"``);
     with a teacher's sampled problems instead of PQ it is the Base-T / Intrinsic-T / Random rows.
     ``student`` (an untrained `Student`) or ``student_factory(config)`` supplies the model;
-    default: `soar_env.envs.soar_math.build_student`.
+    default: `soar_env.student.build_student`.
     """
     evaluation = evaluation or EvalConfig()
     start = time.perf_counter()
     if student is None:
         if student_factory is None:
-            from soar_env.envs.soar_math import build_student as student_factory
+            # soar_env.student loads torch; this module must import fast (`soar bench --help` reads EvalConfig).
+            from soar_env.student import build_student as student_factory
         student = student_factory(dataclasses.replace(config, seed=seed))
     rng = random.Random(seed)
     train_pool = list(hard_train)
@@ -322,49 +299,51 @@ def run_ps(student: Any, promoted_states: Sequence[Any], hard_train: Sequence[An
                           note="" if promoted_states else "no promotion happened: the base student was tested")
 
 
-def promoted_students_callback() -> Any:
-    """A teacher callback that copies the student's weights at every promotion (for PS).
+class PromotedStudents(BaseCallback):
+    """A teacher callback that copies the student's weights at every promotion (the PS candidates).
+
+    ``states[i]`` was promoted at teacher step ``steps[i]``. On a resumed run the first candidate
+    is the checkpoint's baseline (the last promotion before the resume).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.states: list[Any] = []
+        self.steps: list[int] = []
+
+    def on_training_start(self) -> None:
+        # A run resumed from a checkpoint: its baseline is the last student promoted before the kill
+        # (the earlier promoted ones were only in the killed process's memory).
+        core = env_core(self.env)
+        if core.promotions > 0 and not self.states:
+            self.states.append(core.student.baseline_state())
+            self.steps.append(int(getattr(self.teacher, "num_steps", 0)))
+
+    def on_step(self, record: Any) -> bool:
+        if record.promoted:
+            self.states.append(env_core(self.env).student.baseline_state())
+            self.steps.append(int(record.step))
+        return True
+
+
+def promoted_students_callback() -> PromotedStudents:
+    """A fresh `PromotedStudents` recorder, for PS.
 
         recorder = promoted_students_callback()
         teacher.learn(envs, steps, callback=recorder)
         run_ps(student, recorder.states, hard_train, hard_test)
-
-    ``recorder.states[i]`` was promoted at teacher step ``recorder.steps[i]``. On a resumed run the
-    first candidate is the checkpoint's baseline (the last promotion before the resume).
     """
-    from agents.base import BaseCallback, env_core  # lazy: soar_env never imports agents at module level
-
-    class PromotedStudents(BaseCallback):
-        def __init__(self) -> None:
-            super().__init__()
-            self.states: list[Any] = []
-            self.steps: list[int] = []
-
-        def on_training_start(self) -> None:
-            # A run resumed from a checkpoint: its baseline is the last student promoted before the kill
-            # (the earlier promoted ones were only in the killed process's memory).
-            core = env_core(self.env)
-            if core.promotions > 0 and not self.states:
-                self.states.append(core.student.baseline_state())
-                self.steps.append(int(getattr(self.teacher, "num_steps", 0)))
-
-        def on_step(self, record: Any) -> bool:
-            if record.promoted:
-                self.states.append(env_core(self.env).student.baseline_state())
-                self.steps.append(int(record.step))
-            return True
-
     return PromotedStudents()
 
 
 __all__ = [
     "DEFAULT_KS",
     "EvalConfig",
+    "PromotedStudents",
     "ProtocolResult",
     "bootstrap_ci",
     "bootstrap_pass_at_k",
     "curve_slope",
-    "hard_splits",
     "promoted_students_callback",
     "run_pq",
     "run_ps",

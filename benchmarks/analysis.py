@@ -21,12 +21,23 @@
 from __future__ import annotations
 
 import argparse
+import ast
+import json
 import math
+import random
 import re
+import warnings
 from collections import Counter
+from fractions import Fraction
+from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import numpy as np
+import sympy
+
+from soar_env.config import make_config
+from soar_env.data.hardset import load_hard_pool
+from soar_env.verify import answer_parses, grade
 
 # ---------------------------------------------------------------------------------------------
 # Text features
@@ -120,13 +131,14 @@ def embedding_model_path() -> str | None:
     The wheel's folder is found from its file list (its package and its sentence-transformers
     dependency are never imported); otherwise the hub id, if the HF cache holds it.
     """
+    # soar_env.models loads torch and transformers; `soar analyze` needs them only for this kernel.
     from soar_env.models.resolve import wheel_file
 
     folder = wheel_file(EMBEDDING_WHEEL, EMBEDDING_FOLDER)
     if folder is not None and (folder / "config.json").is_file():
         return str(folder)
     try:
-        from huggingface_hub import try_to_load_from_cache
+        from huggingface_hub import try_to_load_from_cache  # optional: only to look into an existing cache
 
         cached = try_to_load_from_cache(EMBEDDING_HUB_ID, "config.json")
     except Exception:  # noqa: BLE001 - no hub client or no cache: no embedding kernel
@@ -140,7 +152,7 @@ def embed_texts(texts: Sequence[str], model: str | None = None, batch_size: int 
     Loaded with plain transformers, so sentence-transformers is not needed; ``model`` is a folder or
     a cached hub id (default: :func:`embedding_model_path`). Raises FileNotFoundError when none exists.
     """
-    import torch
+    import torch  # heavy and needed only for the embedding kernel
     from transformers import AutoModel, AutoTokenizer
 
     name = model or embedding_model_path()
@@ -171,8 +183,6 @@ def vendi_embedding(texts: Sequence[str], model: str | None = None) -> float | N
     try:
         vectors = embed_texts(texts, model)
     except (OSError, ValueError) as error:  # e.g. a cache holding the config but not the weights
-        import warnings
-
         warnings.warn(f"no embedding Vendi score: the sentence-embedding model did not load ({error})", stacklevel=2)
         return None
     kernel = vectors @ vectors.T
@@ -217,8 +227,7 @@ def count_questions(question: str) -> int:
 
 def well_posed_checks(question: str, answer: str, *, parse: Any = None) -> dict[str, bool]:
     """The four checks; ``parse`` (default `verify.answer_parses`) tells if the answer is maths."""
-    if parse is None:
-        from soar_env.verify import answer_parses as parse
+    parse = answer_parses if parse is None else parse
     try:
         parses = bool(parse(answer))
     except Exception:  # noqa: BLE001
@@ -261,8 +270,6 @@ def digits_bound(expression: str) -> float:
     bounded as an exact fraction p/q by its height log10(max(|p|, 1) * q), since sympy turns
     floats into fractions: 0.0000001 is 1/10^7, and dividing by it is multiplying by 10^7.
     """
-    import ast
-    from fractions import Fraction
 
     def height(node: ast.AST) -> float:  # >= log10(|p| * q) of the value and of every value inside it
         if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)) and not isinstance(node.value, bool):
@@ -292,14 +299,10 @@ def check_answer(question: str, answer: str) -> bool | None:
     if expression is None or digits_bound(expression) > MAX_CHECKED_DIGITS:
         return None
     try:
-        import sympy
-
         value = sympy.nsimplify(sympy.sympify(expression, evaluate=True))
         gold = str(value).replace("**", "^")
     except Exception:  # noqa: BLE001 - a malformed expression is "not checkable", not an error
         return None
-    from soar_env.verify import grade
-
     return bool(grade("\\boxed{" + str(answer) + "}", gold, require_box=True).correct)
 
 
@@ -379,10 +382,6 @@ def analyze_run(run_dir: str, *, sample: int = 128, seed: int = 0, hardset: str 
     ``sample`` questions are drawn at random (seeded) when there are more. The hard set is the
     run's (from run_config.json) unless ``hardset`` names one.
     """
-    import json
-    import random
-    from pathlib import Path
-
     root = Path(run_dir)
     names = (file,) if file else ("questions.jsonl", "pq.jsonl")
     source = next((root / name for name in names if (root / name).is_file()), None)
@@ -400,9 +399,6 @@ def analyze_run(run_dir: str, *, sample: int = 128, seed: int = 0, hardset: str 
         spec = json.loads(config_path.read_text()).get("env", {}).get("hardset")
     if spec:
         try:
-            from soar_env.config import make_config
-            from soar_env.envs.soar_math import load_hard_pool
-
             config = make_config("cpu", hardset=spec)
             hard = load_hard_pool(config) + load_hard_pool(make_config(config, hardset_split="test"))
         except Exception:  # noqa: BLE001 - contamination is then reported against nothing
@@ -444,11 +440,17 @@ def add_arguments(parser: Any) -> None:
     parser.add_argument("--json", default=None, metavar="PATH", help="also write every report to this json file")
 
 
+def add_command(commands: Any) -> None:
+    """``soar analyze`` (the ``soar.commands`` entry point of this module)."""
+    analyze = commands.add_parser(
+        "analyze", help="question analysis of run dirs: diversity, well-posedness, contamination, style",
+        description="Analyse 128 sampled questions per run dir (questions.jsonl, else pq.jsonl) without an LLM judge.")
+    add_arguments(analyze)
+    analyze.set_defaults(run=run_from_args)
+
+
 def run_from_args(args: Any) -> int:
     """``soar analyze``: one report per run dir (each teacher run of a comparison folder)."""
-    import json
-    from pathlib import Path
-
     targets: list[Path] = []
     for name in args.run_dirs:
         root = Path(name)
@@ -472,6 +474,8 @@ def run_from_args(args: Any) -> int:
 
 
 __all__ = [
+    "add_arguments",
+    "add_command",
     "analyze_questions",
     "analyze_run",
     "check_answer",
@@ -481,6 +485,7 @@ __all__ = [
     "embed_texts",
     "embedding_model_path",
     "format_report",
+    "run_from_args",
     "style",
     "tfidf_kernel",
     "vendi_embedding",

@@ -1,0 +1,232 @@
+"""The outer loop of SOAR, for any teacher: propose, step the env, update, log, checkpoint.
+
+    logger = run_learning(RandomTeacher(seed=0), envs, total_steps=3, run_dir="runs/random")
+
+`Teacher.learn` calls `run_learning`; an object that only follows `TeacherProtocol` can be
+trained with it directly. The student trains inside the env step (the inner loop).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from agents.callbacks import StepRecord, convert_callback
+from agents.driver import EnvDriver
+from agents.logger import Logger
+from agents.run_dir import (
+    ENV_FILE,
+    TEACHER_FILE,
+    append_proposals,
+    latest_checkpoint,
+    load_torch_file,
+    read_trainer_state,
+    save_checkpoint,
+    truncate_proposals,
+    write_pq,
+)
+
+
+def check_batches(batches: Any, num_datasets: int, teacher: Any) -> list[list[Any]]:
+    """A teacher's proposal as g lists; a wrong count is a bug in the teacher, reported as such."""
+    if isinstance(batches, (str, bytes)) or not isinstance(batches, Sequence) and not isinstance(batches, np.ndarray):
+        raise TypeError(f"{type(teacher).__name__}.propose must return a list of {num_datasets} batches, "
+                        f"got {type(batches).__name__}")
+    batches = [list(batch) for batch in batches]
+    if len(batches) != num_datasets:
+        raise ValueError(f"{type(teacher).__name__}.propose returned {len(batches)} batches "
+                         f"for {num_datasets} datasets")
+    return batches
+
+
+def step_metrics(rewards: np.ndarray, infos: Sequence[Mapping[str, Any]], shared: Mapping[str, Any]
+                 ) -> dict[str, float]:
+    """The ``teacher/``, ``student/`` and ``time/`` metrics of one env step."""
+    metrics: dict[str, float] = {
+        "teacher/reward_mean": float(np.mean(rewards)),
+        "teacher/reward_max": float(np.max(rewards)),
+        "teacher/reward_min": float(np.min(rewards)),
+        "teacher/reward_std": float(np.std(rewards)),
+    }
+    if len(rewards) > 1:
+        for k, reward in enumerate(rewards):
+            metrics[f"teacher/reward_dataset_{k}"] = float(reward)
+    first = infos[0] if infos else {}
+    for key, name in (("reward_average", "teacher/reward_average"), ("promotions", "teacher/promotions"),
+                      ("promoted_count", "teacher/pq_size"), ("baseline_accuracy", "student/baseline_accuracy"),
+                      ("next_baseline_accuracy", "student/next_baseline_accuracy"),
+                      ("inner_steps", "student/inner_steps")):
+        if key in first and _is_number(first[key]):
+            metrics[name] = float(first[key])
+    metrics["teacher/promoted"] = float(int(shared.get("promoted_dataset", -1)) >= 0)
+    valid = sum(int(info.get("num_valid", 0)) for info in infos)
+    rejected = sum(int(info.get("num_rejected", 0)) for info in infos)
+    if valid + rejected:
+        metrics["teacher/valid_fraction"] = valid / (valid + rejected)
+    metrics["teacher/invalid_datasets"] = float(sum(bool(info.get("invalid_action")) for info in infos))
+    trained = [a for info in infos for a in (info.get("trained_accuracy") or [])]
+    if trained:
+        metrics["student/trained_accuracy_mean"] = float(np.mean(trained))
+    inner = [r for info in infos for run in (info.get("train_rewards") or []) for r in run]
+    if inner:
+        metrics["student/train_reward_mean"] = float(np.mean(inner))
+    metrics["student/tokens"] = float(sum(int(info.get("tokens", 0) or 0) for info in infos))
+    timings = shared.get("timings")
+    if timings is not None and hasattr(timings, "to_dict"):
+        for key, value in timings.to_dict().items():
+            metrics[key.replace("time/", "time/env_")] = float(value)
+    return metrics
+
+
+def run_learning(
+    teacher: Any,
+    env: Any,
+    total_steps: int,
+    *,
+    callback: Any = None,
+    run_dir: str | os.PathLike[str] | None = None,
+    checkpoint_every: int = 1,
+    keep_checkpoints: int = 2,
+    resume_from: str | os.PathLike[str] | None = None,
+    seed: int | None = None,
+    logger: Logger | None = None,
+    progress_bar: bool = True,
+) -> Logger:
+    """Train ``teacher`` against ``env`` until ``total_steps`` teacher steps are done; returns the logger.
+
+    ``run_dir`` receives ``progress.csv``, ``tensorboard/``, ``checkpoints/`` (every
+    ``checkpoint_every`` steps and at the end, the last ``keep_checkpoints`` kept) and
+    ``pq.jsonl``. ``resume_from`` (a run dir or one checkpoint folder) restores a run; its
+    steps count towards ``total_steps``. ``callback``: a `BaseCallback`, a list of them,
+    or a function of one `StepRecord` that returns False to stop. Works with any
+    `TeacherProtocol` object; the optional hooks of `Teacher` are called when present.
+    """
+    if total_steps < 1:
+        raise ValueError(f"total_steps must be >= 1, got {total_steps}")
+    if checkpoint_every < 1:
+        raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
+    run_path = Path(run_dir) if run_dir is not None else None
+    driver = EnvDriver(env)
+    if hasattr(teacher, "check_env"):
+        teacher.check_env(driver.config)
+    if run_path is not None and not driver.can_checkpoint:
+        warnings.warn(f"{type(driver.target).__name__} has no save/load: checkpoints hold the teacher only",
+                      stacklevel=2)
+    bar = tqdm(total=total_steps, disable=not progress_bar, unit="step", dynamic_ncols=True, desc="teacher")
+    if logger is None:
+        logger = Logger(run_path, print_fn=bar.write if progress_bar else None)
+    callbacks = convert_callback(callback)
+    callbacks.init_callback(teacher, env, logger)
+    if hasattr(teacher, "setup"):
+        teacher.setup(env, total_steps)
+
+    # 1. Start: a fresh episode, or everything as the checkpoint left it.
+    if resume_from is not None:
+        checkpoint = latest_checkpoint(resume_from)
+        trainer_state = read_trainer_state(checkpoint)
+        teacher.load_state_dict(load_torch_file(checkpoint / TEACHER_FILE))
+        if (checkpoint / ENV_FILE).is_file():
+            obs = driver.load(checkpoint / ENV_FILE)
+        else:
+            warnings.warn(f"{checkpoint} has no env state: the env starts a fresh episode", stacklevel=2)
+            obs, _ = driver.reset(seed=seed)
+        logger.load_state_dict(trainer_state.get("logger", {}))
+        start_step = int(trainer_state["step"])
+        if run_path is not None:
+            truncate_proposals(run_path, start_step)
+    else:
+        obs, _ = driver.reset(seed=seed)
+        start_step = 0
+    _set_steps(teacher, start_step)
+    bar.update(start_step)
+    if hasattr(teacher, "observe"):
+        teacher.observe(obs)
+    callbacks.on_training_start()
+
+    # 2. The outer loop: propose -> env step (inner loop inside) -> teacher update -> log -> checkpoint.
+    step = start_step
+    last_checkpoint_seconds = 0.0
+    try:
+        while step < total_steps:
+            t0 = time.perf_counter()
+            batches = check_batches(teacher.propose(driver.num_datasets, driver.problems_per_dataset),
+                                    driver.num_datasets, teacher)
+            propose_metrics = _pop(teacher)
+            t1 = time.perf_counter()
+            obs, rewards, done, infos, shared = driver.step(batches)
+            t2 = time.perf_counter()
+            if hasattr(teacher, "observe"):
+                teacher.observe(obs)
+            update_metrics = dict(teacher.update(rewards, infos) or {})
+            update_metrics.update(_pop(teacher))
+            t3 = time.perf_counter()
+            step += 1
+            _set_steps(teacher, step)
+
+            metrics = step_metrics(rewards, infos, shared)
+            metrics.update(propose_metrics)
+            metrics.update({k if "/" in k else f"teacher/{k}": v for k, v in update_metrics.items()})
+            metrics.update({
+                "time/step_seconds": t3 - t0,
+                "time/propose_seconds": t1 - t0,
+                "time/env_seconds": t2 - t1,
+                "time/update_seconds": t3 - t2,
+                "time/last_checkpoint_seconds": last_checkpoint_seconds,
+            })
+            if metrics["time/env_seconds"] > 0:
+                metrics["time/student_tokens_per_second"] = metrics["student/tokens"] / metrics["time/env_seconds"]
+            logger.record_many(metrics)
+            metrics = logger.dump(step)
+            record = StepRecord(step=step, batches=batches, rewards=rewards, infos=list(infos), metrics=metrics,
+                                promoted=bool(metrics.get("teacher/promoted", 0.0)))
+            if run_path is not None:
+                append_proposals(run_path, step, batches, rewards, int(shared.get("promoted_dataset", -1)))
+            keep_going = callbacks.on_step(record) is not False
+            bar.update(1)
+            bar.set_postfix(reward=f"{metrics['teacher/reward_mean']:+.4f}",
+                            promotions=int(metrics.get("teacher/promotions", 0)), refresh=False)
+
+            if done and step < total_steps and keep_going:
+                # Episode over (truncation): a new one starts; teacher and PQ file carry on.
+                obs, _ = driver.reset()
+                if hasattr(teacher, "observe"):
+                    teacher.observe(obs)
+            final = step >= total_steps or not keep_going
+            if run_path is not None and (step % checkpoint_every == 0 or final):
+                t4 = time.perf_counter()
+                path = save_checkpoint(run_path, step, teacher, driver, logger,
+                                       extra={"total_steps": total_steps}, keep=keep_checkpoints)
+                write_pq(run_path, driver.promoted_questions)
+                last_checkpoint_seconds = time.perf_counter() - t4
+                callbacks.on_checkpoint(path)
+            if not keep_going:
+                break
+    finally:
+        bar.close()
+        logger.close()  # flushes TensorBoard; writers reopen if the logger is used again
+    if run_path is not None:
+        write_pq(run_path, driver.promoted_questions)
+    callbacks.on_training_end()
+    return logger
+
+
+def _pop(teacher: Any) -> dict[str, float]:
+    return dict(teacher.pop_metrics()) if hasattr(teacher, "pop_metrics") else {}
+
+
+def _set_steps(teacher: Any, steps: int) -> None:
+    try:
+        teacher.num_steps = steps
+    except AttributeError:
+        pass
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)

@@ -1,0 +1,104 @@
+"""Settings of a teacher comparison (``soar bench``): the methods, the table's rows, `BenchConfig`.
+
+The CLI options of ``soar bench`` are generated from `BenchConfig` (one docstring per field).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from soar_env.options import check_minimum
+from benchmarks.evaluation import EvalConfig
+
+METHODS = ("base-student", "hard-only", "base", "random", "intrinsic", "soar", "sb3")
+TEACHER_OF = {"base": "base", "random": "random", "intrinsic": "intrinsic", "soar": "rloo", "sb3": "sb3"}
+"""The ``soar train --teacher`` of each method that has a teacher."""
+META_TRAINED = ("intrinsic", "soar", "sb3")
+ROW_NAMES = {"base-student": "Base", "hard-only": "Hard-Only", "base": "Base-T", "random": "Random",
+             "intrinsic": "Intrinsic-T", "soar-pq": "SOAR PQ", "soar-ps": "SOAR PS", "grounded": "Grounded-T",
+             "sb3": "SB3 teacher"}
+ROW_ORDER = ("base-student", "hard-only", "base", "random", "intrinsic", "grounded", "soar-pq", "soar-ps", "sb3")
+KS = (1, 4, 8, 16, 32)
+
+PAPER_MATH = {
+    "base-student": (0.3, 1.0, 2.0, 3.9, 7.5),
+    "hard-only": (0.5, 1.7, 3.2, 5.7, 9.6),
+    "soar-pq": (1.7, 5.3, 8.5, 13.0, 18.9),
+    "soar-ps": (1.0, 3.8, 6.8, 11.5, 18.1),
+    "intrinsic": (None, None, None, None, 14.1),
+}
+"""The paper's MATH hard-test pass@k (%), k = 1/4/8/16/32 (Sundaram et al. 2026, SOAR_SPEC.md)."""
+
+QUICK = {"preset": "tiny", "seeds": 1, "teacher_steps": 2, "pq_max_steps": 4, "eval_every": 2,
+         "synthetic_steps": 2, "analysis_questions": 32}
+"""--quick: the tiny preset, one seed, every loop at its smallest (minutes on 2 cores)."""
+
+PQ_STEPS = {"tiny": 4, "cpu": 60, "paper": 1500}
+"""Default RLOO steps of a fresh PQ student per preset (paper: <= 1500, with early stop)."""
+
+
+@dataclass
+class BenchConfig:
+    """Settings of one teacher comparison."""
+
+    preset: str = "cpu"
+    """Env and teacher preset: tiny (seconds), cpu (SmolLM2-135M on a laptop CPU) or paper."""
+    methods: str = ",".join(METHODS)
+    """Comma-separated methods: base-student, hard-only, base, random, intrinsic, soar, sb3."""
+    seeds: int = 3
+    """Seeds per method (seed s also seeds the env, the teacher and the fresh students)."""
+    first_seed: int = 0
+    """First seed; seeds are first_seed .. first_seed + seeds - 1."""
+    teacher_steps: int | None = None
+    """Meta-training steps of each learned teacher (default: soar train's for the preset)."""
+    pq_mode: str = "curriculum"
+    """How synthetic problems and hard train are combined: curriculum (paper, MATH) or mixed (HARP)."""
+    pq_max_steps: int | None = None
+    """RLOO steps of every fresh student (default: tiny 4, cpu 60, paper 1500)."""
+    synthetic_steps: int | None = None
+    """Curriculum mode: steps on the synthetic problems first (default: min(64, pq_max_steps // 2))."""
+    eval_every: int | None = None
+    """Steps between held-out measurements for early stopping (default: pq_max_steps // 4)."""
+    early_stop: bool = True
+    """Slope-based early stop of fresh students on a held-out slice of hard train."""
+    samples: int = 32
+    """Sampled solutions per hard-test problem (pass@k for k <= samples)."""
+    test_size: int | None = None
+    """Hard-test problems used (None: all)."""
+    synthetic_problems: int | None = None
+    """Problems sampled from a non-promoting teacher (Base-T, Random, Intrinsic-T, Grounded-T) (default: g x n)."""
+    analysis_questions: int = 128
+    """Questions sampled per teacher into questions.jsonl for the question analysis."""
+    budget_minutes: float | None = None
+    """Stop starting new (method, seed) jobs after this much wall time; skipped ones are listed."""
+    out: str = "runs/compare"
+    """Output folder."""
+    quick: bool = False
+    """Smoke test: tiny preset, 1 seed, smallest loops; overrides the sizes above."""
+    threads: int = 1
+    """Torch CPU threads (1 is fastest on a busy machine)."""
+    workers: int = 1
+    """(method, seed) jobs run at once, each in its own process with ``threads`` threads (2 on a 2-core CPU)."""
+    plots: bool = True
+    """Draw plots when matplotlib is installed."""
+
+    def __post_init__(self) -> None:
+        if self.quick:
+            for key, value in QUICK.items():
+                setattr(self, key, value)
+        unknown = [m for m in self.method_list if m not in METHODS]
+        if unknown:
+            raise ValueError(f"unknown methods {unknown}; valid: {', '.join(METHODS)}")
+        check_minimum(self, ("seeds", "workers"), 1)
+
+    @property
+    def method_list(self) -> list[str]:
+        return [m.strip() for m in self.methods.split(",") if m.strip()]
+
+    def evaluation(self) -> EvalConfig:
+        """The PQ / PS settings of every fresh student of this study."""
+        steps = self.pq_max_steps or PQ_STEPS.get(self.preset, 60)
+        return EvalConfig(mode=self.pq_mode, max_steps=steps,
+                          synthetic_steps=self.synthetic_steps if self.synthetic_steps is not None else min(64, max(steps // 2, 1)),
+                          eval_every=self.eval_every or max(steps // 4, 1), early_stop=self.early_stop,
+                          samples=self.samples, test_size=self.test_size)

@@ -1,0 +1,209 @@
+"""The report of a teacher comparison: pass@k table with CIs, question analysis, TensorBoard, plots.
+
+Everything here is computed from the job files' rows (`benchmarks.bench_jobs`), so a study's
+tables can be regenerated from its ``jobs/`` folder alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from agents import TensorBoardWriter
+from benchmarks.analysis import analyze_run
+from benchmarks.bench_config import KS, PAPER_MATH, ROW_NAMES, ROW_ORDER, TEACHER_OF, BenchConfig
+from benchmarks.evaluation import bootstrap_pass_at_k
+
+
+def analyze_teachers(bench: BenchConfig, out: Path) -> dict[str, Any]:
+    """Question analysis of each teacher's first-seed samples (and SOAR's PQ when it has one)."""
+    reports: dict[str, Any] = {}
+    seed = bench.first_seed
+    for method in bench.method_list:
+        run_dir = out / f"{method}-seed{seed}"
+        if method not in TEACHER_OF or not (run_dir / "questions.jsonl").is_file():
+            continue
+        name = "grounded" if method == "soar" else method
+        try:
+            reports[name] = analyze_run(str(run_dir), sample=bench.analysis_questions, seed=seed)
+            pq = run_dir / "pq.jsonl"
+            if method == "soar" and pq.is_file() and pq.read_text().strip():
+                reports["soar-pq"] = analyze_run(str(run_dir), sample=bench.analysis_questions, seed=seed,
+                                                 file="pq.jsonl")
+        except (OSError, ValueError) as error:
+            reports[name] = {"error": str(error)}
+    return reports
+
+
+def analysis_table(analysis: dict[str, Any]) -> str:
+    """Markdown: one row per teacher's sampled questions."""
+    if not analysis:
+        return ""
+    lines = ["| questions of | n | Vendi (embedding) | Vendi (TF-IDF) | duplicates | well-posed | correct (checkable) "
+             "| contaminated | word / equation |", "|---|---|---|---|---|---|---|---|---|"]
+    for row in ROW_ORDER:
+        report = analysis.get(row)
+        if not report or "error" in report:
+            continue
+        correct = report["correct_rate_checkable"]
+        embedding = report.get("vendi_embedding")
+        lines.append(f"| {ROW_NAMES[row]} | {report['questions']} | {'–' if embedding is None else f'{embedding:.1f}'} | "
+                     f"{report['vendi_tfidf']:.1f} | "
+                     f"{report['duplicate_rate']:.0%} | {report['well_posed_rate']:.0%} | "
+                     f"{'–' if correct is None else f'{correct:.0%}'} ({report['checkable_rate']:.0%}) | "
+                     f"{report['contamination_rate']:.0%} | {report['style']['word']:.0%} / "
+                     f"{report['style']['equation']:.0%} |")
+    return ("\nQuestion analysis (first seed; Vendi with all-MiniLM-L6-v2 embeddings, – when not installed, and "
+            "with the offline TF-IDF kernel; paper, embedding kernel: Base-T ~35, Grounded-T 32-35, Intrinsic-T ~11 "
+            "of 128):\n\n" + "\n".join(lines) + "\n")
+
+
+def mean_meta(entries: list[dict[str, Any]]) -> dict[str, float] | None:
+    """Meta-training compute averaged over seeds, like the other compute columns (None for untrained rows)."""
+    metas = [e["meta"] for e in entries if e.get("meta")]
+    if not metas:
+        return None
+    return {key: round(sum(m.get(key, 0) for m in metas) / len(metas), 1) for key in metas[0]}
+
+
+def aggregate(rows: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """Per row and k: mean pass@k with a bootstrap 95% CI over seeds and problems (in %)."""
+    table: dict[str, Any] = {}
+    for row, entries in rows.items():
+        samples = entries[0]["samples"]
+        ks = [k for k in KS if k <= samples]
+        table[row] = {
+            "seeds": len(entries),
+            "pass_at_k": {str(k): [100 * v for v in bootstrap_pass_at_k([e["correct"] for e in entries], samples, k,
+                                                                         n_resamples=2000)] for k in ks},
+            "student_steps": sum(e["student_steps"] for e in entries) / len(entries),
+            "tokens": sum(e["tokens"] for e in entries) / len(entries),
+            "seconds": sum(e["seconds"] for e in entries) / len(entries),
+            "meta": mean_meta(entries),
+            "notes": sorted({e["note"] for e in entries if e.get("note")}),
+        }
+    return table
+
+
+def markdown_table(bench: BenchConfig, table: dict[str, Any]) -> str:
+    """The paper's layout: rows = methods, columns = pass@k (%) with 95% CIs; paper numbers beside for MATH."""
+    paper = bench.preset == "paper"
+    ks = [k for k in KS if k <= bench.samples]
+    header = "| method | seeds | " + " | ".join(f"pass@{k}" for k in ks) + (" | paper (MATH) |" if paper else " |")
+    header += " student steps | tokens | wall s | meta-training (teacher steps / student tokens / s) |"
+    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    for row in ROW_ORDER:
+        if row not in table:
+            continue
+        entry = table[row]
+        cells = [f"{m:.1f} [{lo:.1f}, {hi:.1f}]" for m, lo, hi in (entry["pass_at_k"][str(k)] for k in ks)]
+        line = f"| {ROW_NAMES[row]} | {entry['seeds']} | " + " | ".join(cells) + " |"
+        if paper:
+            numbers = PAPER_MATH.get(row)
+            line += (" " + "/".join("–" if v is None else f"{v}" for v in numbers) if numbers else " –") + " |"
+        meta = entry.get("meta") or {}
+        meta_text = (f"{meta.get('teacher_steps', 0):.0f} / {meta.get('meta_student_tokens', 0):.0f} / "
+                     f"{meta.get('meta_seconds', 0):.0f}") if meta else "–"
+        line += f" {entry['student_steps']:.0f} | {entry['tokens']:.0f} | {entry['seconds']:.0f} | {meta_text} |"
+        lines.append(line)
+    notes = [f"- {ROW_NAMES[r]}: {n}" for r in ROW_ORDER if r in table for n in table[r]["notes"]]
+    text = (f"pass@k (%) on the hard test split, preset `{bench.preset}`, {bench.samples} samples per problem; "
+            "[low, high] = bootstrap 95% CI over seeds and problems.\n\n" + "\n".join(lines) + "\n")
+    return text + ("\nNotes:\n" + "\n".join(notes) + "\n" if notes else "")
+
+
+def write_results(bench: BenchConfig, out: Path, rows: dict[str, Any], teachers: dict[str, Any], skipped: list[str],
+                  failed: dict[str, str], seconds: float, analysis: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``results.json`` and ``results.md`` (and the plots) of the jobs finished so far."""
+    table = aggregate(rows) if rows else {}
+    results = {"config": dataclasses.asdict(bench), "rows": rows, "table": table, "teachers": teachers,
+               "analysis": analysis or {}, "skipped": skipped, "failed": failed, "wall_seconds": round(seconds, 1)}
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "results.md").write_text(markdown_table(bench, table) + analysis_table(analysis or {})
+                                    + (f"\nSkipped (budget): {', '.join(skipped)}\n" if skipped else "")
+                                    + "".join(f"\nFailed: {job}: {error}\n" for job, error in failed.items()))
+    if bench.plots:
+        plot(out, table, teachers)
+    return results
+
+
+def write_tensorboard(out: Path, rows: dict[str, list[dict[str, Any]]]) -> Path:
+    """``OUT/tensorboard``, one run per (row, seed): the fresh student's held-out curve and its test pass@k.
+
+    Written anew from the job files at the end of a study, so a resumed study never duplicates events.
+    ``test/pass_at_k`` is plotted against k (its "step"); meta-training runs have their own folders.
+    """
+    folder = out / "tensorboard"
+    shutil.rmtree(folder, ignore_errors=True)
+    for row, entries in rows.items():
+        for entry in entries:
+            writer = TensorBoardWriter(folder / f"{row}-seed{entry['seed']}")
+            for step, accuracy in entry.get("curve") or []:
+                writer.write({"pq/heldout_greedy_accuracy": accuracy}, int(step))
+            for k, value in entry["pass_at_k"].items():
+                writer.write({"test/pass_at_k": 100 * value}, int(k))
+            writer.close()
+    return folder
+
+
+def plot(out: Path, table: dict[str, Any], teachers: dict[str, Any]) -> list[Path]:
+    """Teacher reward curves (promotions marked), pass@k bars with CIs, baseline accuracy over meta-training."""
+    try:  # optional, and slow to import
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    folder = out / "plots"
+    folder.mkdir(exist_ok=True)
+    written = []
+    fig, (ax_reward, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+    for method, runs in teachers.items():
+        for index, info in enumerate(runs):
+            rewards = [r for r in info["rewards"] if r is not None]
+            if not rewards:
+                continue
+            steps = range(1, len(rewards) + 1)
+            line, = ax_reward.plot(steps, rewards, label=f"{method} s{index}")
+            for step in info["promotion_steps"]:
+                ax_reward.axvline(step, color=line.get_color(), linestyle=":", alpha=0.7)
+            accuracy = [a for a in info["baseline_accuracy"] if a is not None]
+            if accuracy:
+                ax_acc.plot(range(1, len(accuracy) + 1), accuracy, label=f"{method} s{index}")
+    ax_reward.set(xlabel="teacher step", ylabel="mean dataset reward", title="teacher reward (dotted: promotion)")
+    ax_acc.set(xlabel="teacher step", ylabel="baseline greedy accuracy on Q_R", title="student over meta-training")
+    for axis in (ax_reward, ax_acc):
+        if axis.lines:
+            axis.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(folder / "meta_training.png", dpi=120)
+    written.append(folder / "meta_training.png")
+    plt.close(fig)
+    if table:
+        fig, axis = plt.subplots(figsize=(10, 4))
+        names = [r for r in ROW_ORDER if r in table]
+        ks = sorted({int(k) for r in names for k in table[r]["pass_at_k"]})
+        width = 0.8 / max(len(names), 1)
+        for i, row in enumerate(names):
+            values = [table[row]["pass_at_k"][str(k)] for k in ks]
+            means = [v[0] for v in values]
+            errors = [[v[0] - v[1] for v in values], [v[2] - v[0] for v in values]]
+            axis.bar([j + i * width for j in range(len(ks))], means, width, yerr=errors, capsize=2,
+                     label=ROW_NAMES[row])
+        axis.set_xticks([j + 0.4 - width / 2 for j in range(len(ks))], [f"pass@{k}" for k in ks])
+        axis.set(ylabel="% of hard-test problems", title="pass@k with bootstrap 95% CIs")
+        axis.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(folder / "pass_at_k.png", dpi=120)
+        written.append(folder / "pass_at_k.png")
+        plt.close(fig)
+    return written
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------

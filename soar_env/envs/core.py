@@ -1,0 +1,414 @@
+"""`SOARCore`: the machinery every SOAR env shares, behind public methods.
+
+    core = SOARCore(make_config("tiny"), student=ScriptedStudent(pool), hard_pool=pool)
+    core.new_episode(np_random)                      # episode-start student, fresh Q_R
+    problems, rejected = core.validate(action)       # the one validation of an action
+    result = core.run_dataset(problems, np_random)   # r inner runs -> reward
+    core.maybe_promote(result.reward, result.median_state, problems)
+
+It holds the student, the hard pool and Q_R, the cached baseline evaluation, the inner runs,
+the promotion rule and the promoted-questions buffer PQ. One core serves one single env, or
+all g datasets of a vector env (that is how they share one baseline, one Q_R per step and
+one baseline evaluation).
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from soar_env.config import EnvConfig
+from soar_env.data.hardset import load_hard_pool
+from soar_env.envs.results import DatasetResult, StepTimings
+from soar_env.problems import Problem, Rejection, to_problem
+from soar_env.ray_backend import RayRunner
+from soar_env.rewards import PromotionTracker, grounded_reward, intrinsic_reward, median_run
+from soar_env.runs import LocalRunner, RunRecord, RunSpec, StudentRunner
+from soar_env.student import StudentLike, build_student, inner_steps_for
+
+
+class SOARCore:
+    """Student, Q_R, cached baseline evaluation, inner runs, promotion and PQ.
+
+    Randomness is never drawn here from a generator of its own: callers pass their
+    ``np_random``. The core owns the episode's promotion count and, from it, the inner-steps
+    choice; every run gets its step count explicitly, so the student keeps no mirror of it.
+    """
+
+    def __init__(self, config: EnvConfig, *, student: StudentLike | None = None,
+                 hard_pool: Sequence[Problem] | None = None) -> None:
+        self.config = config
+        self._student = student
+        self._student_given = student is not None
+        self._hard_pool = list(hard_pool) if hard_pool is not None else None
+        self._initial_state: Any = None
+        self._baseline_tensors: Any = None
+        self.state_id = 0
+        """0 is the episode-start student; each promotion gets a new id (for the cache)."""
+        self._next_state_id = 1
+        self._baseline_cache: dict[int, dict[str, int]] = {}
+        self._runner: StudentRunner | None = None
+        self.promotion_errors: list[str] = []
+        """Promotions the rule fired but that could not happen (the run's weights were lost)."""
+        self.eval_subset: list[Problem] = []
+        self.promoted_questions: list[Problem] = []
+        self.promotions = 0
+        """Promotions this episode (a promotion whose run left the weights unchanged counts too)."""
+        self.tracker = PromotionTracker(config.promotion_window, config.promotion_threshold,
+                                        config.restart_average_after_promotion)
+
+    # -- lazy heavy parts: gym.make stays cheap, the model loads at the first reset ------------
+
+    @property
+    def student(self) -> StudentLike:
+        if self._student is None:
+            self._student = build_student(self.config)
+        if self._initial_state is None:
+            self._initial_state = self._student.baseline_state()
+            self._baseline_tensors = self._initial_state
+        return self._student
+
+    @property
+    def hard_pool(self) -> list[Problem]:
+        if self._hard_pool is None:
+            self._hard_pool = load_hard_pool(self.config)
+            if len(self._hard_pool) < self.config.eval_subset_size:
+                warnings.warn(f"the hard pool has {len(self._hard_pool)} problems, fewer than "
+                              f"eval_subset_size={self.config.eval_subset_size}; Q_R is the whole pool",
+                              stacklevel=2)
+        return self._hard_pool
+
+    @property
+    def inner_steps(self) -> int:
+        """RLOO steps of this step's inner runs (more once the episode has promoted)."""
+        return inner_steps_for(self.promotions, self.config.inner_steps, self.config.inner_steps_after_promotion)
+
+    # -- episode ---------------------------------------------------------------------------------
+
+    def new_episode(self, rng: np.random.Generator) -> None:
+        """Back to the episode-start student, an empty PQ and window, a fresh Q_R."""
+        student = self.student
+        if self.state_id != 0 or self.promotions != 0:  # this episode (or a checkpoint) promoted
+            student.promote(self._initial_state)
+        self._baseline_tensors = self._initial_state
+        self.state_id = 0
+        # Only the episode-start cache stays useful across episodes.
+        self._baseline_cache = {0: self._baseline_cache.get(0, {})}
+        self.promotions = 0
+        self.promoted_questions = []
+        self.tracker.clear()
+        self.draw_eval_subset(rng)
+
+    def draw_eval_subset(self, rng: np.random.Generator) -> None:
+        """Q_R: M problems of the hard pool, without replacement."""
+        pool = self.hard_pool
+        size = min(self.config.eval_subset_size, len(pool))
+        index = rng.choice(len(pool), size=size, replace=False)
+        self.eval_subset = [pool[int(i)] for i in index]
+
+    def baseline_correct(self) -> tuple[list[int], StepTimings]:
+        """Baseline's correct answers per Q_R problem, evaluating only what the cache lacks.
+
+        Greedy answers of one state never change, so each (state, problem) is evaluated once
+        per state: the g datasets of a step, and later steps re-drawing a problem, reuse it.
+        """
+        cache = self._baseline_cache.setdefault(self.state_id, {})
+        missing = [p for p in self.eval_subset if p.id not in cache]
+        start = time.perf_counter()
+        if missing:
+            result = self.student.evaluate(missing, greedy=self.config.greedy_eval,
+                                           max_new_tokens=self.config.eval_tokens)
+            for problem, correct in zip(missing, result.correct):
+                cache[problem.id] = int(correct)
+        timings = StepTimings(baseline_eval=time.perf_counter() - start,
+                              baseline_cache_hits=len(self.eval_subset) - len(missing))
+        return [cache[p.id] for p in self.eval_subset], timings
+
+    def baseline_accuracy(self) -> tuple[float, StepTimings]:
+        correct, timings = self.baseline_correct()
+        return (float(np.mean(correct)) if correct else 0.0), timings
+
+    # -- actions ---------------------------------------------------------------------------------
+
+    def validate(self, action: Any) -> tuple[list[Problem], list[dict[str, Any]]]:
+        """Usable problems of an action and a record of every rejected entry; never raises.
+
+        This is where a problem enters an env, and the only place an env checks it: every
+        ``step`` calls it first, and what it returns runs as is.
+        """
+        limit = self.config.batch_limit
+        if isinstance(action, np.ndarray) and action.dtype == object:
+            action = list(action.ravel()) if action.ndim else [action.item()]
+        if not isinstance(action, (tuple, list)):
+            rejection = Rejection(
+                "not_a_batch", f"an action must be a tuple or list of problems, got {type(action).__name__}",
+                _snippet(action))
+            return [], [{"index": None, **rejection.to_dict()}]
+        if len(action) == 0:
+            return [], [{"index": None, "reason": "empty_batch", "detail": "the action holds no problem", "text": ""}]
+        problems: list[Problem] = []
+        rejected: list[dict[str, Any]] = []
+        for index, entry in enumerate(action[:limit]):
+            checked = to_problem(entry, source="action", require_parsable=self.config.require_parsable,
+                                 timeout=self.config.grade_timeout)
+            if isinstance(checked, Rejection):
+                rejected.append({"index": index, **checked.to_dict()})
+            else:
+                problems.append(checked)
+        if len(action) > limit:
+            # Past the limit nothing is read, so a huge action costs no validation time.
+            rejected.append({"index": limit, "reason": "too_many_problems",
+                             "detail": f"entries {limit}..{len(action) - 1} ({len(action) - limit}) exceed "
+                                       f"max_problems={limit} and were not read", "text": ""})
+        return problems, rejected
+
+    # -- datasets ----------------------------------------------------------------------------------
+
+    @property
+    def runner(self) -> StudentRunner:
+        """Where student runs execute: this process, or Ray workers (``backend``)."""
+        if self._runner is None:
+            if self.config.backend == "ray":
+                if self._student_given and self.config.ray_student_factory is None:
+                    raise ValueError("backend='ray' builds each worker's student from the config, so a student "
+                                     "passed to the env would not be the one trained; set ray_student_factory "
+                                     "to a 'module:function' that builds it")
+                self._runner = RayRunner(self.config)
+            else:
+                self._runner = LocalRunner(self.student)
+        return self._runner
+
+    def run_dataset(self, problems: Sequence[Problem], rng: np.random.Generator) -> DatasetResult:
+        """The reward of one dataset under the configured mode (the student ends at baseline)."""
+        return self.run_datasets([problems], rng)[0][0]
+
+    def run_datasets(self, batches: Sequence[Sequence[Problem]],
+                     rng: np.random.Generator) -> tuple[list[DatasetResult], int]:
+        """Rewards of several datasets judged against the same baseline and Q_R, and the index of
+        the best one (first argmax; -1 for no batches): the only one whose median may be promoted.
+
+        Seeds are drawn from ``rng`` dataset by dataset, repeat by repeat, before anything
+        runs, so where the runs execute (in order here, or all at once on Ray) cannot change
+        what they compute.
+        """
+        grounded = self.config.reward_mode == "grounded"
+        base_correct = self.baseline_correct()[0] if grounded else []
+        groups: list[list[RunSpec]] = []
+        for problems in batches:
+            groups.append(self._dataset_specs(problems, rng, first_index=sum(len(g) for g in groups)))
+        runner = self.runner
+        baseline = self._baseline_tensors if self._baseline_tensors is not None else self.student.baseline_state()
+        if runner.parallel:
+            records = runner.run([spec for specs in groups for spec in specs], baseline_id=self.state_id,
+                                 baseline=baseline)
+            per_dataset: Iterable[list[RunRecord]] = [[records[spec.index] for spec in specs] for specs in groups]
+        else:
+            # Lazily, dataset by dataset, so at most r trained states are alive at once.
+            per_dataset = (runner.run(specs, baseline_id=self.state_id, baseline=baseline) for specs in groups)
+        results: list[DatasetResult] = []
+        best = -1
+        for runs in per_dataset:
+            result = self._grounded_result(runs, base_correct) if grounded else self._intrinsic_result(runs[0])
+            for run in runs:
+                run.state = None  # the median's state lives on in the result; the others go now
+            # Promotion can only take the best dataset's (first argmax) median student, and g
+            # full-weight states may not fit in memory: every other trained state is dropped now.
+            if best < 0 or result.reward > results[best].reward:
+                if best >= 0:
+                    results[best].median_state = None
+                best = len(results)
+            else:
+                result.median_state = None
+            results.append(result)
+        # Remote workers free every trained state but the one promotion may ask for.
+        runner.keep_only(results[best].median_state if results and self.can_promote else None)
+        if not self.can_promote and results:
+            results[best].median_state = None
+        return results, best
+
+    def _dataset_specs(self, problems: Sequence[Problem], rng: np.random.Generator,
+                       first_index: int) -> list[RunSpec]:
+        """The runs one dataset needs: r trainings (grounded) or one sampled evaluation (intrinsic)."""
+        config = self.config
+        if config.reward_mode == "grounded":
+            seeds = [int(rng.integers(2**31 - 1)) for _ in range(config.repeats)]
+            return [RunSpec(index=first_index + j, problems=tuple(problems), steps=self.inner_steps,
+                            batch_size=config.batch_size, group_size=config.group_size, seed=seed,
+                            eval_problems=tuple(self.eval_subset), greedy=config.greedy_eval,
+                            eval_tokens=config.eval_tokens) for j, seed in enumerate(seeds)]
+        # Intrinsic modes: the baseline samples the teacher's own problems, no training.
+        return [RunSpec(index=first_index, problems=tuple(problems), steps=0, batch_size=config.batch_size,
+                        group_size=config.group_size, seed=int(rng.integers(2**31 - 1)),
+                        eval_problems=tuple(problems), eval_samples=config.intrinsic_samples, greedy=False,
+                        eval_tokens=config.max_new_tokens)]
+
+    def _grounded_result(self, runs: Sequence[RunRecord], base_correct: list[int]) -> DatasetResult:
+        base_acc = float(np.mean(base_correct)) if base_correct else 0.0
+        result = DatasetResult(reward=0.0)
+        for run in runs:
+            # A run left at the baseline's weights (or failed) answers exactly as the baseline did.
+            correct = list(base_correct) if run.correct is None else list(run.correct)
+            accuracy = float(np.mean(correct)) if correct else 0.0
+            result.trained_correct.append(correct)
+            result.trained_accuracy.append(accuracy)
+            result.run_rewards.append(accuracy - base_acc)
+            result.train_rewards.append(list(run.train_rewards))
+            result.tokens += run.tokens
+            result.train_seconds += run.train_seconds
+            result.eval_seconds += run.eval_seconds
+            if run.error:
+                result.errors.append(run.error)
+            if run.attempts > 1:
+                result.retried_runs += 1
+        result.reward = grounded_reward(result.trained_accuracy, base_acc)
+        result.median_index = median_run(result.run_rewards)
+        result.median_state = runs[result.median_index].state
+        return result
+
+    def _intrinsic_result(self, run: RunRecord) -> DatasetResult:
+        samples = self.config.intrinsic_samples
+        rates = [int(c) / samples for c in (run.correct or [])]
+        result = DatasetResult(reward=intrinsic_reward(self.config.reward_mode, rates) if rates else 0.0,
+                               success_rates=rates, tokens=run.tokens, eval_seconds=run.eval_seconds,
+                               retried_runs=int(run.attempts > 1))
+        if run.error:
+            result.errors.append(run.error)
+        return result
+
+    def backend_events(self) -> list[dict[str, Any]]:
+        """Worker failures of the last step (Ray backend): what failed, and whether it was retried."""
+        return self._runner.events() if self._runner is not None else []
+
+    def close(self) -> None:
+        """Stop the runner's workers (Ray actors); a later run starts new ones."""
+        if self._runner is not None:
+            self._runner.close()
+            self._runner = None
+
+    def release(self) -> None:
+        """Free everything an env holds: workers, the student (the model) and the baseline cache.
+
+        What ``env.close()`` calls; a later reset rebuilds the student from the config.
+        """
+        self.close()
+        self._student = None
+        self._initial_state = None
+        self._baseline_tensors = None
+        self._baseline_cache = {}
+
+    # -- promotion ---------------------------------------------------------------------------------
+
+    @property
+    def can_promote(self) -> bool:
+        return self.config.promotion and self.config.reward_mode == "grounded"
+
+    def maybe_promote(self, step_reward: float, state: Any, problems: Sequence[Problem]) -> bool:
+        """Feed one step's reward to the promotion window; promote ``state`` if the rule fires.
+
+        ``step_reward`` is the single env's reward or the mean over the vector env's valid
+        datasets; ``state`` and ``problems`` are the (best) dataset's median run and batch.
+        """
+        if not self.can_promote or not self.tracker.update(step_reward):
+            return False
+        return self.promote(state, problems)
+
+    def promote(self, state: Any, problems: Sequence[Problem]) -> bool:
+        """Make ``state`` the baseline and append ``problems`` to PQ.
+
+        A ``None`` state means the chosen run left the weights unchanged: the baseline stays,
+        but the promotion is still counted and the questions still join PQ, since the rule
+        (window average over tau) fired on them.
+        """
+        if state is not None and hasattr(state, "fetch"):
+            try:
+                state = state.fetch()  # a RemoteState: the chosen run's weights still sit on its worker
+            except RuntimeError as error:  # every worker that could hold or redo them failed
+                warnings.warn(f"promotion skipped: {error}", stacklevel=2)
+                self.promotion_errors.append(str(error))
+                return False
+        if state is not None:
+            self.student.promote(state)
+            self._baseline_tensors = state
+            self.state_id = self._next_state_id
+            self._next_state_id += 1
+        self.promotions += 1
+        self.promoted_questions.extend(problems)
+        self.tracker.promoted()
+        return True
+
+    # -- checkpoint --------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "baseline_state": self.student.baseline_state(),
+            "state_id": self.state_id,
+            "next_state_id": self._next_state_id,
+            "promotions": self.promotions,
+            "promoted_questions": [p.to_dict() for p in self.promoted_questions],
+            "tracker": self.tracker.state_dict(),
+            "eval_subset": [p.to_dict() for p in self.eval_subset],
+            "baseline_cache": {k: dict(v) for k, v in self._baseline_cache.items()},
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        # Remote workers cache baselines by state id, and the loaded ids may name other weights.
+        self.close()
+        student = self.student
+        self.promotions = int(state["promotions"])
+        if self.promotions or int(state["state_id"]) != 0:
+            student.promote(state["baseline_state"])
+            self._baseline_tensors = state["baseline_state"]
+        else:
+            student.promote(self._initial_state)
+            self._baseline_tensors = self._initial_state
+        self.state_id = int(state["state_id"])
+        self._next_state_id = int(state["next_state_id"])
+        self.promoted_questions = [Problem.from_dict(row) for row in state["promoted_questions"]]
+        self.tracker.load_state_dict(state["tracker"])
+        self.eval_subset = [Problem.from_dict(row) for row in state["eval_subset"]]
+        self._baseline_cache = {int(k): {str(i): int(c) for i, c in v.items()}
+                                for k, v in state["baseline_cache"].items()}
+
+
+class CoreStateMixin:
+    """The read-only SOAR state that the single and the vector env both expose from ``self.core``."""
+
+    core: SOARCore
+    _steps: int
+
+    @property
+    def student(self) -> StudentLike:
+        return self.core.student
+
+    @property
+    def promoted_questions(self) -> list[Problem]:
+        """PQ: every batch that led to a promotion this episode, in order."""
+        return list(self.core.promoted_questions)
+
+    @property
+    def promotions(self) -> int:
+        return self.core.promotions
+
+    @property
+    def eval_subset(self) -> list[Problem]:
+        """Q_R: the hard problems the next step is measured on."""
+        return list(self.core.eval_subset)
+
+    @property
+    def step_count(self) -> int:
+        return self._steps
+
+
+def _snippet(value: Any, limit: int = 200) -> str:
+    try:
+        text = repr(value)
+    except Exception:  # noqa: BLE001
+        return f"<unprintable {type(value).__name__}>"
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+__all__ = ["CoreStateMixin", "SOARCore"]
