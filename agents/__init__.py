@@ -25,7 +25,7 @@ from agents.driver import env_config, env_core, unbatch_infos
 from agents.logger import Logger, TensorBoardWriter
 from agents.loop import check_batches, run_learning
 from agents.rloo_teacher import RLOOTeacher
-from agents.run_dir import checkpoint_dirs, checkpoint_step, latest_checkpoint
+from agents.run_dir import checkpoint_dirs, checkpoint_step, latest_checkpoint, read_pq
 from agents.sb3_teacher import SB3Teacher
 from agents.teacher_config import TEACHER_PRESETS, TeacherConfig, make_teacher_config
 
@@ -53,6 +53,7 @@ __all__ = [
     "env_config",
     "env_core",
     "latest_checkpoint",
+    "read_pq",
     "make_teacher_config",
     "run_learning",
     "unbatch_infos",

@@ -27,6 +27,7 @@ from agents.run_dir import (
     append_proposals,
     latest_checkpoint,
     load_torch_file,
+    pq_rows,
     read_trainer_state,
     save_checkpoint,
     truncate_proposals,
@@ -103,7 +104,8 @@ def run_learning(
 
     ``run_dir`` receives ``progress.csv``, ``tensorboard/``, ``checkpoints/`` (every
     ``checkpoint_every`` steps and at the end, the last ``keep_checkpoints`` kept) and
-    ``pq.jsonl``. ``resume_from`` (a run dir or one checkpoint folder) restores a run; its
+    ``pq.jsonl`` (every episode's promoted questions, when ``total_steps`` spans several
+    episodes). ``resume_from`` (a run dir or one checkpoint folder) restores a run; its
     steps count towards ``total_steps``. ``callback``: a `BaseCallback`, a list of them,
     or a function of one `StepRecord` that returns False to stop. Works with any
     `TeacherProtocol` object; the optional hooks of `Teacher` are called when present.
@@ -127,16 +129,23 @@ def run_learning(
     if hasattr(teacher, "setup"):
         teacher.setup(env, total_steps)
 
-    # 1. Start: a fresh episode, or everything as the checkpoint left it.
+    # 1. Start: a fresh episode, or everything as the checkpoint left it. `pq_before` holds the
+    # pq.jsonl rows of the finished episodes; the env holds the current episode's PQ.
+    episode, episode_over, pq_before = 0, False, []
     if resume_from is not None:
         checkpoint = latest_checkpoint(resume_from)
         trainer_state = read_trainer_state(checkpoint)
         teacher.load_state_dict(load_torch_file(checkpoint / TEACHER_FILE))
+        episode = int(trainer_state.get("episode", 0))
+        saved_pq = list(trainer_state.get("pq", []))
         if (checkpoint / ENV_FILE).is_file():
             obs = driver.load(checkpoint / ENV_FILE)
+            episode_over = bool(trainer_state.get("episode_over", False))
+            pq_before = [row for row in saved_pq if row["episode"] < episode]
         else:
             warnings.warn(f"{checkpoint} has no env state: the env starts a fresh episode", stacklevel=2)
             obs, _ = driver.reset(seed=seed)
+            episode, pq_before = episode + 1, saved_pq
         logger.load_state_dict(trainer_state.get("logger", {}))
         start_step = int(trainer_state["step"])
         if run_path is not None:
@@ -155,6 +164,14 @@ def run_learning(
     last_checkpoint_seconds = 0.0
     try:
         while step < total_steps:
+            if episode_over:
+                # Episode over (truncation): a new one starts with an empty PQ; the teacher carries
+                # on, and the finished episode's promoted questions stay in pq.jsonl.
+                pq_before += pq_rows(driver.promoted_questions, episode)
+                obs, _ = driver.reset()
+                episode, episode_over = episode + 1, False
+                if hasattr(teacher, "observe"):
+                    teacher.observe(obs)
             t0 = time.perf_counter()
             batches = check_batches(teacher.propose(driver.num_datasets, driver.problems_per_dataset),
                                     driver.num_datasets, teacher)
@@ -193,17 +210,17 @@ def run_learning(
             bar.set_postfix(reward=f"{metrics['teacher/reward_mean']:+.4f}",
                             promotions=int(metrics.get("teacher/promotions", 0)), refresh=False)
 
-            if done and step < total_steps and keep_going:
-                # Episode over (truncation): a new one starts; teacher and PQ file carry on.
-                obs, _ = driver.reset()
-                if hasattr(teacher, "observe"):
-                    teacher.observe(obs)
+            # The reset waits for the next step, so a checkpoint taken now still holds this
+            # episode's PQ, and a run that ends here leaves the env as its last step left it.
+            episode_over = bool(done)
             final = step >= total_steps or not keep_going
             if run_path is not None and (step % checkpoint_every == 0 or final):
                 t4 = time.perf_counter()
-                path = save_checkpoint(run_path, step, teacher, driver, logger,
-                                       extra={"total_steps": total_steps}, keep=keep_checkpoints)
-                write_pq(run_path, driver.promoted_questions)
+                pq = pq_before + pq_rows(driver.promoted_questions, episode)
+                path = save_checkpoint(run_path, step, teacher, driver, logger, keep=keep_checkpoints,
+                                       extra={"total_steps": total_steps, "episode": episode,
+                                              "episode_over": episode_over, "pq": pq})
+                write_pq(run_path, pq)
                 last_checkpoint_seconds = time.perf_counter() - t4
                 callbacks.on_checkpoint(path)
             if not keep_going:
@@ -212,7 +229,7 @@ def run_learning(
         bar.close()
         logger.close()  # flushes TensorBoard; writers reopen if the logger is used again
     if run_path is not None:
-        write_pq(run_path, driver.promoted_questions)
+        write_pq(run_path, pq_before + pq_rows(driver.promoted_questions, episode))
     callbacks.on_training_end()
     return logger
 

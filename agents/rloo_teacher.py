@@ -15,10 +15,20 @@ One teacher step (SOAR_SPEC.md, "The bi-level loop"):
    row k of group i being problem i of X_k, so the updater's leave-one-out over each group of g
    is exactly A_k.
 
-When the budget runs out with fewer than g·n valid outputs, the datasets are filled with the
-rejected outputs (sent nowhere: the env sees only valid problems, a dataset with none gets the
-env's invalid-action penalty) and those outputs share their dataset's advantage, so a teacher
-that cannot yet write the format is pushed towards the datasets that trained the student.
+When the budget runs out with fewer than g·n valid outputs (a teacher that cannot yet write the
+format), the proposal is short: the valid outputs are dealt evenly over the g datasets and the
+rejected ones get no gradient. Rejection sampling is unbiased because every valid output's
+log-prob carries the same extra term, grad log P(valid), which cancels when the outputs'
+advantages sum to zero. With datasets of unequal sizes n_k that sum is sum_k n_k A_k, so the
+update weighs dataset k's outputs by mean(n)/n_k to make it zero again: each dataset's gradient
+stays an unbiased estimate of the gradient of its own reward (scaled by that known weight). A
+dataset with no valid problem, or one the env marks ``invalid_action``, is left out of the
+advantages: it is no sample of the teacher's policy, and its invalid-action reward (a penalty)
+would otherwise enter the other datasets' baselines. A hit budget is counted (``teacher/bound_hit``,
+the update's ``budget_exhausted``) and warned about, at the 1st, 2nd, 4th, 8th... hit of a run.
+
+Log-probs of the update are taken at the sampling temperature (softmax(logits / T)), so the
+gradient is on-policy for any ``temperature``; the KL term compares policy and reference at T too.
 """
 
 from __future__ import annotations
@@ -66,6 +76,8 @@ class RLOOTeacher(Teacher):
         self._seeded = self.config.seed is not None
         self._sampler: TeacherSampler | None = None
         self._pending: list[list[Draft]] | None = None
+        self._pending_short = 0
+        """Valid problems the last proposal lacked (the budget ran out)."""
         self._acceptance_estimate = 1.0
         self.totals = {"drawn": 0, "accepted": 0, "bound_hits": 0, "updates": 0, "tokens": 0}
         """Counts over the whole run: raw outputs drawn, valid ones, budget exhaustions, updates, tokens."""
@@ -150,32 +162,50 @@ class RLOOTeacher(Teacher):
         budget = math.ceil(self.config.max_attempts * need)
         sampled = rejection_sample(self.sampler, need, budget, self._rng, self._acceptance_estimate)
         self._acceptance_estimate = sampled.acceptance_estimate
-        bound_hit = len(sampled.valid) < need
+        short = max(need - len(sampled.valid), 0)
         datasets = split_datasets(sampled, num_datasets, problems_per_dataset, self._rng)
         self._pending = datasets
+        self._pending_short = short
         self.totals["drawn"] += sampled.drawn
         self.totals["accepted"] += len(sampled.valid)
-        self.totals["bound_hits"] += int(bound_hit)
+        self.totals["bound_hits"] += int(short > 0)
         self.totals["tokens"] += sampled.tokens
         self.record("teacher/acceptance_rate", len(sampled.valid) / max(sampled.drawn, 1))
         self.record("teacher/acceptance_rate_run", self.totals["accepted"] / max(self.totals["drawn"], 1))
         self.record("teacher/samples_drawn", sampled.drawn)
-        self.record("teacher/bound_hit", float(bound_hit))
-        self.record("teacher/filled_with_rejected", float(sum(not d.ok for dataset in datasets for d in dataset)))
+        self.record("teacher/bound_hit", float(short > 0))
+        self.record("teacher/problems_short", float(short))
+        self.record("teacher/empty_datasets", float(sum(not dataset for dataset in datasets)))
         self.record("teacher/tokens", sampled.tokens)
         for reason, count in sampled.reasons.items():
             self.record(f"teacher/rejected/{reason}", count)
         step = self.num_steps
-        return [[_tag(d.result, step, k) for d in dataset if d.ok] for k, dataset in enumerate(datasets)]
+        if short:
+            self._warn_budget(step, need, len(sampled.valid), sampled.drawn)
+        return [[_tag(d.result, step, k) for d in dataset] for k, dataset in enumerate(datasets)]
+
+    def _warn_budget(self, step: int, need: int, valid: int, drawn: int) -> None:
+        hits = self.totals["bound_hits"]
+        if hits & (hits - 1):  # rate limit: only the 1st, 2nd, 4th, 8th... hit of a run is shown
+            return
+        warnings.warn(f"{type(self).__name__} step {step}: only {valid} of {need} problems were valid after {drawn} "
+                      f"raw samples (max_attempts={self.config.max_attempts:g}); the datasets are short, rejected "
+                      f"outputs get no gradient and empty datasets are left out of the advantages "
+                      f"(budget hit {hits} time(s) in this run; teacher/bound_hit counts them all)",
+                      RuntimeWarning, stacklevel=3)
 
     def last_drafts(self) -> list[list[Draft]] | None:
-        """The drafts behind the last proposal (valid and filled-in), per dataset."""
+        """The drafts behind the last proposal (all valid), per dataset."""
         return self._pending
 
     # -- learning --------------------------------------------------------------------------------
 
     def update(self, rewards: np.ndarray, infos: Sequence[Mapping[str, Any]] = ()) -> dict[str, float]:
-        """One RLOO step: every sampled token of X_k gets A_k = R_k - mean of the other rewards."""
+        """One RLOO step: every sampled token of X_k gets A_k = R_k - mean of the other rewards.
+
+        Datasets without a counted problem (none valid, or ``infos[k]["invalid_action"]``) are left
+        out of the advantages; see the module doc for short proposals.
+        """
         datasets, self._pending = self._pending, None
         if not self.learns:
             return {}
@@ -188,19 +218,25 @@ class RLOOTeacher(Teacher):
         from soar_env.rl import NonFiniteLossError  # lazy: imports torch
 
         updater = self._ensure_updater()
-        rollout, row_rewards = build_rollout(datasets, rewards)
+        counted = counted_drafts(datasets, infos)
+        left_out = sum(not dataset for dataset in counted)
+        budget = {"budget_exhausted": float(self._pending_short > 0), "problems_short": float(self._pending_short),
+                  "datasets_left_out": float(left_out)}
+        rollout, row_rewards, group_size = build_rollout(counted, rewards)
         if len(rollout) == 0:
-            return {"update_skipped": 1.0}
+            return {"update_skipped": 1.0, **budget}
         try:
-            stats = updater.update(self.policy, rollout, row_rewards, group_size=g)
+            # Scored at the sampling temperature, so the gradient is on-policy for any T.
+            stats = updater.update(self.policy, rollout, row_rewards, group_size=group_size,
+                                   temperature=self.config.temperature)
         except NonFiniteLossError:
             # The updater left weights and optimizer untouched; the run goes on.
-            return {"update_skipped": 1.0, "nonfinite": 1.0}
+            return {"update_skipped": 1.0, "nonfinite": 1.0, **budget}
         self.totals["updates"] += int(not stats.get("skipped", 0.0))
         return {"loss": stats.get("loss", 0.0), "pg_loss": stats.get("pg_loss", 0.0), "kl": stats.get("kl", 0.0),
                 "lr": stats.get("lr", 0.0), "grad_norm": stats.get("grad_norm", 0.0),
                 "advantage_abs_mean": stats.get("advantage_abs_mean", 0.0),
-                "update_skipped": stats.get("skipped", 0.0), "update_tokens": stats.get("tokens", 0.0)}
+                "update_skipped": stats.get("skipped", 0.0), "update_tokens": stats.get("tokens", 0.0), **budget}
 
     # -- state -----------------------------------------------------------------------------------
 
@@ -237,35 +273,86 @@ class RLOOTeacher(Teacher):
         self._pending = None
 
 
-def build_rollout(datasets: Sequence[Sequence[Draft]], rewards: np.ndarray) -> tuple[Any, list[float]]:
-    """The teacher's RLOO batch: groups of g rows, row k from dataset k, reward R_k.
+def counted_drafts(datasets: Sequence[Sequence[Draft]], infos: Sequence[Mapping[str, Any]]) -> list[list[Draft]]:
+    """The drafts whose problems the env trained on: all, less what ``infos`` says it rejected.
 
-    Group (i, s) holds stage s of problem i of each dataset, so the leave-one-out mean inside a
-    group is the mean of the other datasets' rewards: A_k for every row of X_k. A draft with
-    fewer stages than the mode (a question cut before stage 2) gets an empty row there, which
-    scores no token. ``prompt_index`` is the group id: groups are what the updater checks.
+    ``infos[k]`` is the env's info of dataset k (ignored unless there is one per dataset): a
+    dataset marked ``invalid_action`` trained nothing, and ``rejected`` entries name the
+    positions in the action the env refused (from ``index`` on for ``too_many_problems``).
+    """
+    if len(infos) != len(datasets):
+        return [list(dataset) for dataset in datasets]
+    counted = []
+    for dataset, info in zip(datasets, infos):
+        if info.get("invalid_action"):
+            counted.append([])
+            continue
+        refused: set[int] = set()
+        for record in info.get("rejected") or ():
+            index = record.get("index") if isinstance(record, Mapping) else None
+            if isinstance(index, (int, np.integer)):
+                last = len(dataset) if record.get("reason") == "too_many_problems" else int(index) + 1
+                refused.update(range(int(index), last))
+        counted.append([d for i, d in enumerate(dataset) if i not in refused])
+    return counted
+
+
+def build_rollout(datasets: Sequence[Sequence[Draft]], rewards: np.ndarray) -> tuple[Any, list[float], int]:
+    """The teacher's RLOO batch: (rollout, row rewards, group size) such that dataset k's rows get A_k.
+
+    Full proposal (every dataset the same non-zero size): groups of g rows, row k from dataset k
+    with reward R_k. Group (i, s) holds stage s of problem i of each dataset, so the leave-one-out
+    mean inside a group is the mean of the other datasets' rewards: A_k for every row of X_k.
+
+    Short proposal (sizes n_k differ; see the module doc): empty datasets are left out, A_k is
+    taken over the others, and dataset k's rows get the advantage A_k * mean(n) / n_k. The rows
+    form one group whose rewards are chosen so that the updater's leave-one-out returns exactly
+    these advantages: they sum to zero, and with G rows reward (G-1)/G * a gives advantage a.
+
+    A draft with fewer stages than the mode (a question cut before stage 2) gets an empty row
+    there, which scores no token. ``prompt_index`` is the group id: groups are what the updater checks.
     """
     from soar_env.models import Rollout  # lazy: the models package imports torch
 
     g = len(datasets)
-    slots = min(len(d) for d in datasets) if datasets else 0
+    sizes = [len(d) for d in datasets]
     stages = max((len(d.rows) for dataset in datasets for d in dataset), default=1)
     rollout = Rollout(prompt_index=[], prompt_ids=[], completion_ids=[], texts=[], stopped=[])
     row_rewards: list[float] = []
-    group = 0
-    for i in range(slots):
-        for s in range(stages):
-            for k in range(g):
-                draft = datasets[k][i]
-                prompt_ids, completion = draft.rows[s] if s < len(draft.rows) else (draft.rows[0][0], [])
-                rollout.prompt_index.append(group)
-                rollout.prompt_ids.append(prompt_ids)
-                rollout.completion_ids.append(list(completion))
-                rollout.texts.append(draft.text)
-                rollout.stopped.append(True)
-                row_rewards.append(float(rewards[k]))
-            group += 1
-    return rollout, row_rewards
+
+    def add_row(draft: Draft, stage: int, group: int, reward: float) -> None:
+        prompt_ids, completion = draft.rows[stage] if stage < len(draft.rows) else (draft.rows[0][0], [])
+        rollout.prompt_index.append(group)
+        rollout.prompt_ids.append(prompt_ids)
+        rollout.completion_ids.append(list(completion))
+        rollout.texts.append(draft.text)
+        rollout.stopped.append(True)
+        row_rewards.append(reward)
+
+    if g and min(sizes) > 0 and len(set(sizes)) == 1:
+        for i in range(sizes[0]):
+            for s in range(stages):
+                for k in range(g):
+                    add_row(datasets[k][i], s, i * stages + s, float(rewards[k]))
+        return rollout, row_rewards, g
+    kept = [k for k in range(g) if sizes[k] > 0]
+    mean_size = sum(sizes) / max(len(kept), 1)
+    advantages = short_advantages(rewards, kept)
+    rows = sum(sizes) * stages
+    scale = (rows - 1) / rows if rows > 1 else 0.0
+    for k in kept:
+        for draft in datasets[k]:
+            for s in range(stages):
+                add_row(draft, s, 0, scale * advantages[k] * mean_size / sizes[k])
+    return rollout, row_rewards, max(rows, 1)
+
+
+def short_advantages(rewards: np.ndarray, kept: Sequence[int]) -> dict[int, float]:
+    """A_k = R_k - mean(R_j: j in kept, j != k) for each kept dataset; 0 without a second one."""
+    if len(kept) < 2:
+        return {k: 0.0 for k in kept}
+    total = sum(float(rewards[k]) for k in kept)
+    return {k: float(rewards[k]) - (total - float(rewards[k])) / (len(kept) - 1) for k in kept}
 
 
 def _tag(problem: Problem | Rejection, step: int, dataset: int) -> Problem:

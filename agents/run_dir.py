@@ -2,12 +2,16 @@
 
     runs/soar/
       checkpoints/step_000010/{teacher.pt, env.pt, trainer.json}   newest ``keep`` kept
-      pq.jsonl          promoted questions, one `Problem.to_dict` per line
+      pq.jsonl          promoted questions of every episode, one `Problem.to_dict` plus ``episode`` per line
       proposals.jsonl   every proposed dataset with its reward (for the question analyses)
       progress.csv, tensorboard/                                     written by `Logger`
 
 A checkpoint is written into a temporary folder that is renamed into place, its
 ``trainer.json`` last, so a run killed at any moment resumes from its last complete checkpoint.
+
+A run longer than the env's episode starts a new episode whose PQ is empty; ``pq.jsonl``
+keeps the earlier episodes' rows (``episode`` 0, 1, ...), and so does each checkpoint's
+``trainer.json``, so that neither a reset nor a resume loses a promoted question.
 """
 
 from __future__ import annotations
@@ -113,12 +117,38 @@ def load_torch_file(path: str | os.PathLike[str]) -> Any:
     return torch.load(os.fspath(path), map_location="cpu", weights_only=False)
 
 
-def write_pq(run_dir: Path, problems: Sequence[Problem]) -> Path:
-    """The promoted-questions buffer as jsonl (one `Problem.to_dict` per line), replaced atomically."""
-    lines = "".join(json.dumps(p.to_dict(), ensure_ascii=False) + "\n" for p in problems)
+def pq_rows(problems: Sequence[Problem], episode: int) -> list[dict[str, Any]]:
+    """The ``pq.jsonl`` rows of one episode's promoted questions: `Problem.to_dict` plus ``episode``."""
+    return [{"episode": episode, **p.to_dict()} for p in problems]
+
+
+def write_pq(run_dir: Path, rows: Sequence[Mapping[str, Any]]) -> Path:
+    """The promoted questions of every episode so far (`pq_rows`), one per line, replaced atomically."""
+    lines = "".join(json.dumps(dict(row), ensure_ascii=False) + "\n" for row in rows)
     path = run_dir / PQ_FILE
     atomic_write_text(path, lines)
     return path
+
+
+def read_pq(run_dir: str | os.PathLike[str], episode: int | None = None) -> list[Problem]:
+    """The promoted questions a run wrote: every episode's (default) or one episode's.
+
+    Each problem's ``meta["episode"]`` says which episode promoted it (0 in files written before
+    episodes were recorded).
+    """
+    path = Path(run_dir) / PQ_FILE
+    if not path.is_file():
+        return []
+    problems = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        row = json.loads(line)
+        problem = Problem.from_dict(row)
+        problem.meta["episode"] = int(row.get("episode", problem.meta.get("episode", 0)))
+        if episode is None or problem.meta["episode"] == episode:
+            problems.append(problem)
+    return problems
 
 
 def _entry_dict(entry: Any) -> dict[str, Any]:

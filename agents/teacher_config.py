@@ -65,9 +65,12 @@ class TeacherConfig:
     micro_batch_size: int | None = 8
     """{doc:soar_env.rl.rloo.RLOOConfig.micro_batch_size} A teacher row is an output, or one stage of it.
     All at once on SmolLM2-135M at the cpu preset (64 rows of a 123-token prompt and up to 76
-    sampled tokens, no activation checkpointing) took 17.5 GB and was killed."""
+    sampled tokens, no activation checkpointing) took 17.5 GB and was killed. The paper's teacher
+    "batch size 2" (meaning not stated) is read as this per-device micro-batch: one teacher step is
+    one optimizer step over all g·n outputs, whatever the micro-batch."""
     temperature: float = 1.0
-    """Sampling temperature of the teacher (paper: 1.0)."""
+    """Sampling temperature of the teacher (paper: 1.0); the update scores the sampled tokens at
+    the same temperature (log softmax(logits / T)), so its policy gradient is on-policy for any T."""
     max_new_tokens: int = 512
     """Longest teacher output; with prefill "answer", the longest question (paper: 512)."""
     answer_max_new_tokens: int = 32
@@ -84,8 +87,10 @@ class TeacherConfig:
     topics: str = MATH_TOPICS
     """Topics the fixed teacher prompt names (those of the target benchmark; no seed problems)."""
     max_attempts: float = 4.0
-    """Rejection-sampling budget: raw outputs per needed problem (at most ceil(max_attempts·g·n)
-    samples per step); when it runs out the datasets are filled with rejected outputs."""
+    """Rejection-sampling budget: raw outputs per needed problem, at most ceil(max_attempts·g·n)
+    samples per step (paper: resample until g·n are valid, no bound). When it runs out the datasets
+    are short: rejected outputs get no gradient, each dataset's outputs are weighted by mean size /
+    its size (which keeps the gradient unbiased), and empty datasets are left out of the advantages."""
     sample_batch_size: int = 64
     """Sequences generated together; lower it to bound memory."""
     device: str | None = None

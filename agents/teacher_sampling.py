@@ -2,7 +2,7 @@
 
 No learning here: `TeacherSampler` turns a policy and a `TeacherConfig` into parsed `Draft`s,
 `rejection_sample` draws until enough are valid or the budget is spent, and `split_datasets`
-makes the g datasets of n drafts that `RLOOTeacher` proposes.
+makes the g datasets of (up to) n valid drafts that `RLOOTeacher` proposes.
 
 Small models rarely follow the format, so ``prefill`` can force parts of the reply:
 ``"question"`` starts the reply with ``<question>``; ``"answer"`` adds a second stage that
@@ -191,16 +191,20 @@ def rejection_sample(sampler: TeacherSampler, need: int, budget: int, rng: np.ra
 
 def split_datasets(sampled: SampledDrafts, num_datasets: int, problems_per_dataset: int,
                    rng: np.random.Generator) -> list[list[Draft]]:
-    """g datasets of n drafts: the valid ones, filled with the latest rejected ones when too few.
+    """g datasets of valid drafts: n each, or as even as the valid drafts allow when too few.
 
-    A filled proposal is shuffled so that every dataset is n random draws; the env only ever
-    sees the valid drafts, but the rejected ones keep the RLOO groups complete.
+    Rejected drafts never enter a dataset: they are not problems of the teacher's (rejection-
+    sampled) policy, so they get no gradient (`agents.rloo_teacher.build_rollout` weighs the
+    datasets instead). A short proposal is shuffled and dealt in sizes that differ by at most one,
+    the larger sizes going to random datasets, so no dataset is empty unless fewer than g are valid.
     """
     need = num_datasets * problems_per_dataset
     chosen = sampled.valid[:need]
-    if len(chosen) < need:
-        rejected = sampled.rejected
-        chosen = chosen + rejected[len(rejected) - (need - len(chosen)):]
-        order = rng.permutation(len(chosen))
-        chosen = [chosen[int(i)] for i in order]
-    return [chosen[k * problems_per_dataset:(k + 1) * problems_per_dataset] for k in range(num_datasets)]
+    if len(chosen) == need:
+        return [chosen[k * problems_per_dataset:(k + 1) * problems_per_dataset] for k in range(num_datasets)]
+    chosen = [chosen[int(i)] for i in rng.permutation(len(chosen))]
+    base, extra = divmod(len(chosen), num_datasets)
+    sizes = [base + int(k < extra) for k in range(num_datasets)]
+    sizes = [sizes[int(i)] for i in rng.permutation(num_datasets)]
+    bounds = np.cumsum([0, *sizes])
+    return [chosen[bounds[k]:bounds[k + 1]] for k in range(num_datasets)]

@@ -38,7 +38,7 @@ from agents.driver import env_core
 from agents.logger import Logger
 from agents.registry import BUILTIN_TEACHERS, LLM_TEACHERS, resolve_teacher_class
 from agents.rloo_teacher import RLOOTeacher
-from agents.run_dir import checkpoint_dirs, checkpoint_step, latest_checkpoint
+from agents.run_dir import checkpoint_dirs, checkpoint_step, latest_checkpoint, read_pq
 from agents.teacher_config import TeacherConfig, make_teacher_config
 from soar_env.options import check_minimum
 from soar_env.atomic import atomic_write_text
@@ -87,7 +87,7 @@ class TrainConfig:
     eval_train_size: int | None = None
     """Hard-train problems in that measurement (a fixed sample; default: the env's eval_subset_size)."""
     eval_test_size: int | None = None
-    """Hard-test problems in that measurement (default: the whole test split; none if the hard set has no split)."""
+    """Hard-test problems in that measurement (default: the whole test split)."""
     progress: bool = True
     """Show a progress bar (per-step lines go to the console either way)."""
     tensorboard: bool = True
@@ -313,21 +313,10 @@ def build_teacher(plan: RunPlan) -> Any:
     return cls(**kwargs)
 
 
-def _hard_sets(env: EnvConfig) -> tuple[list[Problem], list[Problem]]:
-    """(hard train, hard test) of the env's hard set, as its split column says.
-
-    Unlike `hard_splits`, a pool without a split column (a generator or a plain problem file)
-    is not split at random: it is all train, with no held-out test problems.
-    """
-    pool = load_hard_pool(dataclasses.replace(env, hardset_split="train"))
-    if not any("split" in p.meta for p in pool):
-        return pool, []
-    return hard_splits(env)
-
-
 def _eval_sets(plan: RunPlan) -> dict[str, list[Problem]]:
+    """A fixed sample of hard train and the hard test split: the one split Q_R is drawn from and benchmarks test on."""
     sets: dict[str, list[Problem]] = {}
-    train_pool, test_pool = _hard_sets(plan.env)
+    train_pool, test_pool = hard_splits(plan.env)
     size = min(plan.train.eval_train_size or plan.env.eval_subset_size, len(train_pool))
     rng = np.random.default_rng(12345)  # the same subset before and after, and across resumes
     sets["hard_train"] = [train_pool[int(i)] for i in sorted(rng.choice(len(train_pool), size, replace=False))]
@@ -397,7 +386,7 @@ def execute(plan: RunPlan) -> dict[str, Any]:
     after: dict[str, float] = {}
     for name, problems in eval_sets.items():
         after[name] = before[name] if core.state_id == 0 else _evaluate(core.student, problems, plan.env)
-    summary = summarize(plan, logger, teacher, envs, before, after, {k: len(v) for k, v in eval_sets.items()})
+    summary = summarize(plan, logger, teacher, before, after, {k: len(v) for k, v in eval_sets.items()})
     summary["wall_seconds"] = round(time.perf_counter() - start, 1)
     summary["checkpoint"] = str(latest_checkpoint(run_dir))
     atomic_write_text(run_dir / SUMMARY, json.dumps(summary, indent=2) + "\n")
@@ -405,7 +394,7 @@ def execute(plan: RunPlan) -> dict[str, Any]:
     return summary
 
 
-def summarize(plan: RunPlan, logger: Any, teacher: Any, envs: Any, before: dict[str, float],
+def summarize(plan: RunPlan, logger: Any, teacher: Any, before: dict[str, float],
               after: dict[str, float], sizes: dict[str, int]) -> dict[str, Any]:
     """The run's outcome from the logger history (which spans resumes) and the env's final state."""
     history = logger.history
@@ -420,8 +409,9 @@ def summarize(plan: RunPlan, logger: Any, teacher: Any, envs: Any, before: dict[
         "teacher": plan.train.teacher,
         "preset": plan.train.preset,
         "steps": int(last.get("step", 0)),
-        "promotions": int(last.get("teacher/promotions", 0)),
-        "pq_size": len(envs.promoted_questions),
+        # Over the whole run: the env's own count restarts with each episode.
+        "promotions": int(sum(row.get("teacher/promoted", 0.0) for row in history)),
+        "pq_size": len(read_pq(plan.run_dir)),  # every episode's, as pq.jsonl holds them
         "pq_file": str(plan.run_dir / "pq.jsonl"),
         "best_reward": max(best) if best else None,
         "best_step_reward": max(rewards) if rewards else None,

@@ -36,7 +36,7 @@ import numpy as np
 import sympy
 
 from soar_env.config import make_config
-from soar_env.data.hardset import load_hard_pool
+from soar_env.data.hardset import hard_splits
 from soar_env.verify import answer_parses, grade
 
 # ---------------------------------------------------------------------------------------------
@@ -400,7 +400,8 @@ def analyze_run(run_dir: str, *, sample: int = 128, seed: int = 0, hardset: str 
     if spec:
         try:
             config = make_config("cpu", hardset=spec)
-            hard = load_hard_pool(config) + load_hard_pool(make_config(config, hardset_split="test"))
+            train, test = hard_splits(config)
+            hard = train + test
         except Exception:  # noqa: BLE001 - contamination is then reported against nothing
             hard = []
     report = analyze_questions(rows, hard=hard, embedding=embedding)

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from soar_env.options import check_minimum
+from agents.train import DEFAULT_STEPS
 from benchmarks.evaluation import EvalConfig
+from soar_env.config import make_config
+from soar_env.options import check_minimum
 
 METHODS = ("base-student", "hard-only", "base", "random", "intrinsic", "soar", "sb3")
 TEACHER_OF = {"base": "base", "random": "random", "intrinsic": "intrinsic", "soar": "rloo", "sb3": "sb3"}
@@ -19,6 +21,9 @@ ROW_NAMES = {"base-student": "Base", "hard-only": "Hard-Only", "base": "Base-T",
              "sb3": "SB3 teacher"}
 ROW_ORDER = ("base-student", "hard-only", "base", "random", "intrinsic", "grounded", "soar-pq", "soar-ps", "sb3")
 KS = (1, 4, 8, 16, 32)
+
+PAPER_SETTINGS = "MATH fail@128 hard test (360 problems), Llama-3.2-3B-Instruct, 200 teacher steps, 6-12 seeds"
+"""What the paper's numbers below were measured on."""
 
 PAPER_MATH = {
     "base-student": (0.3, 1.0, 2.0, 3.9, 7.5),
@@ -60,7 +65,14 @@ class BenchConfig:
     eval_every: int | None = None
     """Steps between held-out measurements for early stopping (default: pq_max_steps // 4)."""
     early_stop: bool = True
-    """Slope-based early stop of fresh students on a held-out slice of hard train."""
+    """Slope-based early stop of fresh students on their greedy accuracy on hard-train problems."""
+    pq_schedule: str = "one-run"
+    """one-run: one AdamW and one cosine over a fresh student's pq_max_steps, untouched by the
+    early-stop measurements (paper); per-chunk: both restart every eval_every steps (the earlier
+    protocol, kept to reproduce its studies, e.g. benchmarks/results/compare-cpu)."""
+    heldout_size: int = 0
+    """Hard-train problems held out of training for the early-stop curve (at most a quarter of hard
+    train); 0: none, the curve is measured on 32 hard-train problems that are also trained on."""
     samples: int = 32
     """Sampled solutions per hard-test problem (pass@k for k <= samples)."""
     test_size: int | None = None
@@ -90,6 +102,7 @@ class BenchConfig:
         if unknown:
             raise ValueError(f"unknown methods {unknown}; valid: {', '.join(METHODS)}")
         check_minimum(self, ("seeds", "workers"), 1)
+        self.evaluation()  # checks the PQ settings now rather than in the first job
 
     @property
     def method_list(self) -> list[str]:
@@ -97,8 +110,56 @@ class BenchConfig:
 
     def evaluation(self) -> EvalConfig:
         """The PQ / PS settings of every fresh student of this study."""
-        steps = self.pq_max_steps or PQ_STEPS.get(self.preset, 60)
-        return EvalConfig(mode=self.pq_mode, max_steps=steps,
-                          synthetic_steps=self.synthetic_steps if self.synthetic_steps is not None else min(64, max(steps // 2, 1)),
+        steps = self.resolved_pq_steps
+        return EvalConfig(mode=self.pq_mode, max_steps=steps, synthetic_steps=self.resolved_synthetic_steps,
                           eval_every=self.eval_every or max(steps // 4, 1), early_stop=self.early_stop,
+                          schedule=self.pq_schedule, heldout_size=self.heldout_size,
                           samples=self.samples, test_size=self.test_size)
+
+    @property
+    def resolved_pq_steps(self) -> int:
+        """RLOO steps of every fresh student (``pq_max_steps`` or the preset's default)."""
+        return self.pq_max_steps or PQ_STEPS.get(self.preset, 60)
+
+    @property
+    def resolved_synthetic_steps(self) -> int:
+        """Curriculum steps on the synthetic problems (``synthetic_steps`` or its default)."""
+        if self.synthetic_steps is not None:
+            return self.synthetic_steps
+        return min(64, max(self.resolved_pq_steps // 2, 1))
+
+
+def paper_differences(bench: BenchConfig, *, questions: bool = False) -> list[str]:
+    """This study's settings that differ from those of the paper's MATH numbers; empty: comparable.
+
+    ``questions``: only what matters for the question analysis (the teacher and its training).
+    """
+    differences = []
+    if bench.preset != "paper":
+        differences.append(f"preset {bench.preset} (paper: Llama-3.2-3B-Instruct as teacher and student)")
+    teacher_steps = bench.teacher_steps or DEFAULT_STEPS.get(bench.preset, 10)
+    if teacher_steps != 200:
+        differences.append(f"{teacher_steps} teacher steps (paper: 200)")
+    if questions:
+        if bench.analysis_questions != 128:
+            differences.append(f"{bench.analysis_questions} questions (paper: 128)")
+        return differences
+    hardset = make_config(bench.preset).hardset
+    if hardset == "bundled" or hardset.startswith("generator:"):
+        differences.append(f"hard set {hardset} (paper: MATH fail@128, 359 train / 360 test)")
+    evaluation = bench.evaluation()
+    if evaluation.max_steps != 1500:
+        differences.append(f"fresh students of at most {evaluation.max_steps} steps (paper: 1500)")
+    if evaluation.mode != "curriculum":
+        differences.append(f"PQ mode {evaluation.mode} (paper, MATH: curriculum)")
+    elif evaluation.synthetic_steps != 64:
+        differences.append(f"{evaluation.synthetic_steps} synthetic curriculum steps (paper: 64)")
+    if evaluation.schedule != "one-run":
+        differences.append("AdamW and cosine restarted every chunk (paper: one run)")
+    if not evaluation.early_stop:
+        differences.append("no early stop (paper: slope-based)")
+    if evaluation.samples != 32:
+        differences.append(f"{evaluation.samples} samples per problem (paper: 32)")
+    if evaluation.test_size is not None:
+        differences.append(f"{evaluation.test_size} hard-test problems (paper: all)")
+    return differences

@@ -18,7 +18,7 @@ from typing import Any
 import gymnasium as gym
 
 import soar_env  # noqa: F401  (registers the env ids)
-from agents import Logger, checkpoint_dirs, checkpoint_step, env_core
+from agents import Logger, checkpoint_dirs, checkpoint_step, env_core, read_pq
 from agents.train import DEFAULT_STEPS, build_teacher, plan_run, write_run_config
 from benchmarks import evaluation  # PQ / PS protocols, named through the module so that tests can replace them
 from benchmarks.bench_config import META_TRAINED, ROW_NAMES, TEACHER_OF, BenchConfig
@@ -75,7 +75,8 @@ def _teacher_run(bench: BenchConfig, method: str, seed: int, out: Path) -> dict[
         for problem in sampled[: bench.analysis_questions]:
             handle.write(json.dumps(problem.to_dict(), ensure_ascii=False) + "\n")
     core = env_core(envs)
-    promoted = list(envs.promoted_questions) if hasattr(envs, "promoted_questions") else []
+    # Every episode's promoted questions, from the run's pq.jsonl (the env holds only the last episode's).
+    promoted = read_pq(run_dir) if method in META_TRAINED else []
     rewards = [row.get("teacher/reward_mean") for row in history]
     compute = {
         "teacher_steps": len(history),
@@ -122,7 +123,7 @@ def run_job(bench: BenchConfig, method: str, seed: int) -> dict[str, Any]:
     out = Path(bench.out)
     settings = bench.evaluation()
     config = make_config(bench.preset, seed=seed)
-    hard_train, hard_test = hard_splits(config, seed=seed)
+    hard_train, hard_test = hard_splits(config)  # one split per hard set, whatever the seed
     started = time.perf_counter()
     rows: dict[str, list[dict[str, Any]]] = {}
 
@@ -215,11 +216,17 @@ def job_path(out: Path, method: str, seed: int) -> Path:
 # Settings a method's job never reads: changing them keeps its finished jobs.
 UNREAD_BY = {
     "base-student": ("teacher_steps", "pq_mode", "pq_max_steps", "synthetic_steps", "eval_every", "early_stop",
-                     "synthetic_problems", "analysis_questions"),
+                     "pq_schedule", "heldout_size", "synthetic_problems", "analysis_questions"),
     "hard-only": ("teacher_steps", "synthetic_problems", "analysis_questions"),
     "base": ("teacher_steps",),
     "random": ("teacher_steps",),
 }
+
+
+LEGACY_SETTINGS = {"pq_schedule": "per-chunk", "heldout_size": 32}
+"""Settings added after job files were first written, with the values those older jobs were
+measured with (AdamW and cosine restarted every chunk, 32 hard-train problems held out): such a
+job is kept only by a study that asks for these values, e.g. benchmarks/results/compare-cpu."""
 
 
 def job_settings(bench: BenchConfig, method: str) -> dict[str, Any]:
@@ -244,7 +251,8 @@ def load_job(out: Path, bench: BenchConfig, method: str, seed: int) -> dict[str,
         return None
     job = json.loads(path.read_text())
     wanted = job_settings(bench, method)
-    changed = sorted(k for k in wanted if k not in job["settings"] or job["settings"][k] != wanted[k])
+    recorded = {**LEGACY_SETTINGS, **job["settings"]}
+    changed = sorted(k for k in wanted if k not in recorded or recorded[k] != wanted[k])
     if changed:
         raise ValueError(f"{path} was measured with other settings ({', '.join(changed)}); "
                          f"use another --out or delete it")

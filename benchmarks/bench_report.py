@@ -14,7 +14,16 @@ from typing import Any
 
 from agents import TensorBoardWriter
 from benchmarks.analysis import analyze_run
-from benchmarks.bench_config import KS, PAPER_MATH, ROW_NAMES, ROW_ORDER, TEACHER_OF, BenchConfig
+from benchmarks.bench_config import (
+    KS,
+    PAPER_MATH,
+    PAPER_SETTINGS,
+    ROW_NAMES,
+    ROW_ORDER,
+    TEACHER_OF,
+    BenchConfig,
+    paper_differences,
+)
 from benchmarks.evaluation import bootstrap_pass_at_k
 
 
@@ -38,8 +47,8 @@ def analyze_teachers(bench: BenchConfig, out: Path) -> dict[str, Any]:
     return reports
 
 
-def analysis_table(analysis: dict[str, Any]) -> str:
-    """Markdown: one row per teacher's sampled questions."""
+def analysis_table(analysis: dict[str, Any], bench: BenchConfig | None = None) -> str:
+    """Markdown: one row per teacher's sampled questions, and the paper's Vendi scores labelled as such."""
     if not analysis:
         return ""
     lines = ["| questions of | n | Vendi (embedding) | Vendi (TF-IDF) | duplicates | well-posed | correct (checkable) "
@@ -56,9 +65,12 @@ def analysis_table(analysis: dict[str, Any]) -> str:
                      f"{'–' if correct is None else f'{correct:.0%}'} ({report['checkable_rate']:.0%}) | "
                      f"{report['contamination_rate']:.0%} | {report['style']['word']:.0%} / "
                      f"{report['style']['equation']:.0%} |")
+    differences = paper_differences(bench, questions=True) if bench is not None else ["settings unknown"]
+    paper = "Base-T ~35, Grounded-T 32-35, Intrinsic-T ~11 of 128"
+    reference = (f"paper, same settings, embedding kernel: {paper}" if not differences else
+                 f"paper, different settings ({'; '.join(differences)}), embedding kernel, not comparable: {paper}")
     return ("\nQuestion analysis (first seed; Vendi with all-MiniLM-L6-v2 embeddings, – when not installed, and "
-            "with the offline TF-IDF kernel; paper, embedding kernel: Base-T ~35, Grounded-T 32-35, Intrinsic-T ~11 "
-            "of 128):\n\n" + "\n".join(lines) + "\n")
+            f"with the offline TF-IDF kernel; {reference}):\n\n" + "\n".join(lines) + "\n")
 
 
 def mean_meta(entries: list[dict[str, Any]]) -> dict[str, float] | None:
@@ -88,11 +100,32 @@ def aggregate(rows: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     return table
 
 
+def protocol_line(bench: BenchConfig) -> str:
+    """How the fresh students of this study were trained and stopped (the table's protocol label)."""
+    evaluation = bench.evaluation()
+    schedule = ("one AdamW and one cosine over the run" if evaluation.schedule == "one-run" else
+                f"AdamW and cosine restarted every {evaluation.eval_every} steps")
+    if not evaluation.early_stop:
+        stop = "no early stop"
+    elif evaluation.heldout_size:
+        stop = f"slope early stop on up to {evaluation.heldout_size} hard-train problems held out of training"
+    else:
+        stop = f"slope early stop on {evaluation.curve_size} hard-train problems that are also trained on"
+    return (f"Fresh students: at most {evaluation.max_steps} RLOO steps ({evaluation.mode}), {schedule}, {stop}, "
+            f"measured every {evaluation.eval_every} steps.")
+
+
 def markdown_table(bench: BenchConfig, table: dict[str, Any]) -> str:
-    """The paper's layout: rows = methods, columns = pass@k (%) with 95% CIs; paper numbers beside for MATH."""
-    paper = bench.preset == "paper"
+    """The paper's layout: rows = methods, columns = pass@k (%) with 95% CIs.
+
+    The paper's MATH numbers stand beside ours only when this study's settings are the paper's
+    (`paper_differences`); a paper-preset study with other settings lists them under the table,
+    labelled with what differs; other presets do not show them.
+    """
+    differences = paper_differences(bench)
+    paper_column = bench.preset == "paper" and not differences
     ks = [k for k in KS if k <= bench.samples]
-    header = "| method | seeds | " + " | ".join(f"pass@{k}" for k in ks) + (" | paper (MATH) |" if paper else " |")
+    header = "| method | seeds | " + " | ".join(f"pass@{k}" for k in ks) + (" | paper (MATH) |" if paper_column else " |")
     header += " student steps | tokens | wall s | meta-training (teacher steps / student tokens / s) |"
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for row in ROW_ORDER:
@@ -101,9 +134,8 @@ def markdown_table(bench: BenchConfig, table: dict[str, Any]) -> str:
         entry = table[row]
         cells = [f"{m:.1f} [{lo:.1f}, {hi:.1f}]" for m, lo, hi in (entry["pass_at_k"][str(k)] for k in ks)]
         line = f"| {ROW_NAMES[row]} | {entry['seeds']} | " + " | ".join(cells) + " |"
-        if paper:
-            numbers = PAPER_MATH.get(row)
-            line += (" " + "/".join("–" if v is None else f"{v}" for v in numbers) if numbers else " –") + " |"
+        if paper_column:
+            line += " " + paper_numbers(row) + " |"
         meta = entry.get("meta") or {}
         meta_text = (f"{meta.get('teacher_steps', 0):.0f} / {meta.get('meta_student_tokens', 0):.0f} / "
                      f"{meta.get('meta_seconds', 0):.0f}") if meta else "–"
@@ -111,8 +143,19 @@ def markdown_table(bench: BenchConfig, table: dict[str, Any]) -> str:
         lines.append(line)
     notes = [f"- {ROW_NAMES[r]}: {n}" for r in ROW_ORDER if r in table for n in table[r]["notes"]]
     text = (f"pass@k (%) on the hard test split, preset `{bench.preset}`, {bench.samples} samples per problem; "
-            "[low, high] = bootstrap 95% CI over seeds and problems.\n\n" + "\n".join(lines) + "\n")
+            "[low, high] = bootstrap 95% CI over seeds and problems. " + protocol_line(bench) + "\n\n"
+            + "\n".join(lines) + "\n")
+    if bench.preset == "paper" and differences:
+        text += (f"\nPaper, different settings ({'; '.join(differences)}), not comparable with the table: "
+                 f"{PAPER_SETTINGS}, pass@1/4/8/16/32: "
+                 + "; ".join(f"{ROW_NAMES[row]} {paper_numbers(row)}" for row in ROW_ORDER if row in PAPER_MATH) + ".\n")
     return text + ("\nNotes:\n" + "\n".join(notes) + "\n" if notes else "")
+
+
+def paper_numbers(row: str) -> str:
+    """The paper's MATH pass@1/4/8/16/32 of a row, as "0.5/1.7/3.2/5.7/9.6" ("–" where it gives none)."""
+    numbers = PAPER_MATH.get(row)
+    return "/".join("–" if v is None else f"{v}" for v in numbers) if numbers else "–"
 
 
 def write_results(bench: BenchConfig, out: Path, rows: dict[str, Any], teachers: dict[str, Any], skipped: list[str],
@@ -122,7 +165,7 @@ def write_results(bench: BenchConfig, out: Path, rows: dict[str, Any], teachers:
     results = {"config": dataclasses.asdict(bench), "rows": rows, "table": table, "teachers": teachers,
                "analysis": analysis or {}, "skipped": skipped, "failed": failed, "wall_seconds": round(seconds, 1)}
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    (out / "results.md").write_text(markdown_table(bench, table) + analysis_table(analysis or {})
+    (out / "results.md").write_text(markdown_table(bench, table) + analysis_table(analysis or {}, bench)
                                     + (f"\nSkipped (budget): {', '.join(skipped)}\n" if skipped else "")
                                     + "".join(f"\nFailed: {job}: {error}\n" for job, error in failed.items()))
     if bench.plots:

@@ -26,7 +26,7 @@ For each seed and method:
 
 Every method is tested on the same hard-test problems with ``samples`` sampled solutions each.
 Writes ``results.json``, ``results.md`` (paper-style table; the paper's MATH numbers beside
-ours), ``plots/*.png`` (when matplotlib is installed), ``tensorboard/`` (each fresh student's
+ours only when the settings are the paper's, else labelled with what differs), ``plots/*.png`` (when matplotlib is installed), ``tensorboard/`` (each fresh student's
 held-out curve and test pass@k), one run dir per meta-trained teacher
 (TensorBoard, progress.csv, pq.jsonl, checkpoints) and ``questions.jsonl`` per teacher for
 ``soar analyze``.
@@ -166,7 +166,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     """``soar bench``: run the study and print its tables; exit status 1 when a job failed."""
     bench = dataclass_from_args(BenchConfig, args)
     results = run_study(bench)
-    print(markdown_table(bench, results["table"]) + analysis_table(results.get("analysis", {})))
+    print(markdown_table(bench, results["table"]) + analysis_table(results.get("analysis", {}), bench))
     print(f"wrote {Path(bench.out) / 'results.json'} and results.md ({results['wall_seconds']:.0f} s)")
     for job, error in results["failed"].items():
         print(f"failed: {job}: {error}", file=sys.stderr)

@@ -2,7 +2,7 @@
 
     from soar_env.data.hardset import hard_splits
     from benchmarks.evaluation import EvalConfig, run_pq, run_ps, bootstrap_ci
-    hard_train, hard_test = hard_splits(env_config, seed=0)
+    hard_train, hard_test = hard_splits(env_config)
     result = run_pq(env_config, promoted_questions, hard_train, hard_test, EvalConfig(mode="curriculum"), seed=0)
     print(result.pass_at_k)                          # {1: 0.017, 4: 0.053, ...}
     mean, low, high = bootstrap_ci([r.pass_at_k[32] for r in results_over_seeds])
@@ -15,14 +15,17 @@
   on hard train is tested on hard test.
 - Testing: ``samples`` (32) sampled solutions per hard-test problem at the student temperature,
   unbiased pass@k for k = 1, 4, 8, 16, 32 (`soar_env.metrics.mean_pass_at_k`).
-- Early stop (a setting): every ``eval_every`` steps the greedy accuracy on a held-out slice of
-  hard train is measured; training stops once the least-squares slope of the last
+- Early stop (a setting): every ``eval_every`` steps the greedy accuracy on ``curve_size``
+  hard-train problems is measured; training stops once the least-squares slope of the last
   ``slope_window`` points is <= ``min_slope`` (the paper: "slope-based", details not stated).
+  By default those problems are trained on too, so the training set is all of hard train;
+  ``heldout_size`` > 0 holds that many out of training instead (the paper does not say which).
 
-Training is done in chunks of ``eval_every`` steps with `Student.train`, each chunk starting
-from the previous chunk's weights (made the student's baseline); so AdamW and the cosine
-restart at every chunk. That is a simplification of one long run, documented here because
-the paper does not say how its ≤ 1500-step fresh students are scheduled.
+Training is one run (``schedule="one-run"``, the paper's): one AdamW and one cosine over
+``max_steps``, measured between chunks of ``eval_every`` steps without restarting either
+(`benchmarks.fresh_student.OneRun`). ``schedule="per-chunk"`` is the earlier protocol, kept to
+reproduce studies made with it: each chunk is a `Student.train` call, so AdamW and the cosine
+restart at every chunk.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from soar_env.metrics import mean_pass_at_k, pass_at_k
 
 DEFAULT_KS = (1, 4, 8, 16, 32)
 MODES = ("curriculum", "mixed")
+SCHEDULES = ("one-run", "per-chunk")
 
 
 @dataclass
@@ -62,23 +66,32 @@ class EvalConfig:
     test_size: int | None = None
     """Hard-test problems used (None: all)."""
     early_stop: bool = True
-    """Stop a PQ student when its held-out accuracy curve stops rising (slope-based)."""
+    """Stop a PQ student when its early-stop curve stops rising (slope-based)."""
     eval_every: int = 50
-    """RLOO steps between two held-out measurements (the chunk length of training)."""
+    """RLOO steps between two points of the early-stop curve (the chunk length of training)."""
     slope_window: int = 3
-    """Points of the held-out curve the slope is fitted on."""
+    """Points of the early-stop curve the slope is fitted on."""
     min_slope: float = 0.0
     """Stop when the fitted slope (accuracy per step) is <= this."""
-    heldout_size: int = 32
-    """Hard-train problems held out (never trained on) for the early-stop curve, capped at a quarter of
-    hard train; 0 disables the curve."""
+    schedule: str = "one-run"
+    """one-run: one AdamW and one cosine over max_steps, untouched by the measurements between
+    chunks (paper: one run of <= 1500 steps); per-chunk: every eval_every-step chunk restarts both
+    (the earlier protocol, kept to reproduce its studies)."""
+    heldout_size: int = 0
+    """Hard-train problems held out of training for the early-stop curve (at most a quarter of hard
+    train); 0: none are, the curve is measured on curve_size training problems (not stated in the paper)."""
+    curve_size: int = 32
+    """With heldout_size 0: hard-train problems (a seeded sample, also trained on) whose greedy
+    accuracy is the early-stop curve."""
     eval_max_new_tokens: int | None = None
     """Generation limit when testing (None: the env config's eval limit)."""
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
-        check_minimum(self, ("max_steps", "samples", "eval_every", "slope_window"), 1)
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        check_minimum(self, ("max_steps", "samples", "eval_every", "slope_window", "curve_size"), 1)
         check_minimum(self, ("synthetic_steps", "heldout_size"), 0)
 
     @property
@@ -106,7 +119,11 @@ class ProtocolResult:
     train_seconds: float = 0.0
     """Part of ``seconds`` spent in RLOO training (the rest: held-out curve and testing)."""
     curve: list[tuple[int, float]] = field(default_factory=list)
-    """(steps done, held-out greedy accuracy) points of the early-stop curve."""
+    """(steps done, greedy accuracy) points of the early-stop curve."""
+    train_problems: int = 0
+    """Problems the student was trained on (PQ and hard train, less any held out)."""
+    heldout: int = 0
+    """Hard-train problems held out of training for the early-stop curve."""
     stopped_early: bool = False
     selected: int | None = None
     """PS: index of the chosen promoted student."""
@@ -207,6 +224,24 @@ def _eval_tokens(config: Any, evaluation: EvalConfig) -> int | None:
     return getattr(config, "eval_tokens", None)
 
 
+def early_stop_set(hard_train: Sequence[Any], evaluation: EvalConfig,
+                   rng: random.Random) -> tuple[list[Any], list[Any], int]:
+    """(problems to train on, problems the early-stop curve is measured on, how many are held out)."""
+    train_pool = list(hard_train)
+    if not evaluation.early_stop:
+        return train_pool, [], 0
+    if evaluation.heldout_size > 0:
+        # At most a quarter of hard train is held out, so a small hard set still leaves most of it to train on.
+        size = min(evaluation.heldout_size, len(train_pool) // 4)
+        if size == 0:
+            return train_pool, [], 0
+        chosen = set(rng.sample(range(len(train_pool)), size))
+        heldout = [p for i, p in enumerate(train_pool) if i in chosen]
+        return [p for i, p in enumerate(train_pool) if i not in chosen], heldout, len(heldout)
+    chosen = sorted(rng.sample(range(len(train_pool)), min(evaluation.curve_size, len(train_pool))))
+    return train_pool, [train_pool[i] for i in chosen], 0
+
+
 def run_pq(config: Any, promoted: Sequence[Any], hard_train: Sequence[Any], hard_test: Sequence[Any],
            evaluation: EvalConfig | None = None, *, seed: int = 0, student: Any = None,
            student_factory: Callable[[Any], Any] | None = None, protocol: str = "PQ") -> ProtocolResult:
@@ -215,7 +250,8 @@ def run_pq(config: Any, promoted: Sequence[Any], hard_train: Sequence[Any], hard
     With ``promoted`` empty this is the paper's Hard-Only baseline (pass ``protocol="Hard-Only"``);
     with a teacher's sampled problems instead of PQ it is the Base-T / Intrinsic-T / Random rows.
     ``student`` (an untrained `Student`) or ``student_factory(config)`` supplies the model;
-    default: `soar_env.student.build_student`.
+    default: `soar_env.student.build_student`. The student ends up holding the trained weights
+    as its baseline.
     """
     evaluation = evaluation or EvalConfig()
     start = time.perf_counter()
@@ -225,14 +261,7 @@ def run_pq(config: Any, promoted: Sequence[Any], hard_train: Sequence[Any], hard
             from soar_env.student import build_student as student_factory
         student = student_factory(dataclasses.replace(config, seed=seed))
     rng = random.Random(seed)
-    train_pool = list(hard_train)
-    heldout: list[Any] = []
-    # At most a quarter of hard train is held out, so a small hard set still leaves most of it to train on.
-    heldout_size = min(evaluation.heldout_size, len(train_pool) // 4)
-    if evaluation.early_stop and heldout_size > 0:
-        chosen = set(rng.sample(range(len(train_pool)), heldout_size))
-        heldout = [p for i, p in enumerate(train_pool) if i in chosen]
-        train_pool = [p for i, p in enumerate(train_pool) if i not in chosen]
+    train_pool, curve_problems, heldout = early_stop_set(hard_train, evaluation, rng)
     promoted = list(promoted)
     batch_size = evaluation.batch_size or config.batch_size
     group_size = evaluation.group_size or config.group_size
@@ -242,6 +271,12 @@ def run_pq(config: Any, promoted: Sequence[Any], hard_train: Sequence[Any], hard
         phases = [(promoted, min(evaluation.synthetic_steps, evaluation.max_steps)), (train_pool, evaluation.max_steps)]
     else:
         phases = [(promoted + train_pool, evaluation.max_steps)]
+    one_run = None
+    if evaluation.schedule == "one-run":
+        from benchmarks.fresh_student import OneRun  # lazy: imports torch
+
+        one_run = OneRun(student, evaluation.max_steps, batch_size=batch_size, group_size=group_size,
+                         seed=rng.randrange(2**31))
 
     steps_done, tokens, curve, stopped, early, train_seconds = 0, 0, [], False, False, 0.0
     notes = []
@@ -249,20 +284,29 @@ def run_pq(config: Any, promoted: Sequence[Any], hard_train: Sequence[Any], hard
         # Early stop judges the last phase only: in curriculum mode a flat curve on the synthetic
         # problems must not skip the hard-train phase.
         last_phase, phase_start = phase == len(phases) - 1, len(curve)
+        if one_run is not None and problems:
+            one_run.start_phase(problems)
         while steps_done < phase_end and not stopped and problems:
             chunk = min(evaluation.eval_every, phase_end - steps_done)
-            result = student.train(problems, steps=chunk, batch_size=batch_size, group_size=group_size,
-                                   seed=rng.randrange(2**31))
+            if one_run is not None:
+                result = one_run.train(chunk)  # the optimizer and the cosine go on from the last chunk
+            else:
+                result = student.train(problems, steps=chunk, batch_size=batch_size, group_size=group_size,
+                                       seed=rng.randrange(2**31))
             tokens += result.tokens
             train_seconds += result.seconds
             if not result.ok:
                 notes.append(f"training stopped at step {steps_done}: {result.error}")
                 stopped = True
+                if one_run is not None:
+                    student.reset()  # drop the failed chunk's steps, as per-chunk training does
                 break
-            student.promote(result.state)  # continue from the trained weights
+            # The trained weights become the baseline that the curve and the test measure (per-chunk:
+            # also what the next chunk starts from; one-run: the policy already holds them).
+            student.promote(result.state)
             steps_done += result.steps_done
-            if heldout:
-                accuracy = student.evaluate(heldout, greedy=True, max_new_tokens=tokens_eval).accuracy
+            if curve_problems:
+                accuracy = student.evaluate(curve_problems, greedy=True, max_new_tokens=tokens_eval).accuracy
                 curve.append((steps_done, float(accuracy)))
                 if last_phase and steps_done < evaluation.max_steps and should_stop(
                         curve[phase_start:], evaluation.slope_window, evaluation.min_slope):
@@ -271,7 +315,8 @@ def run_pq(config: Any, promoted: Sequence[Any], hard_train: Sequence[Any], hard
     return ProtocolResult(protocol=protocol, seed=seed, pass_at_k=scores, correct=list(test.correct),
                           samples=evaluation.samples, student_steps=steps_done, tokens=tokens + test.tokens,
                           seconds=time.perf_counter() - start, train_seconds=train_seconds, curve=curve,
-                          stopped_early=early, note="; ".join(notes))
+                          stopped_early=early, train_problems=len(promoted) + len(train_pool), heldout=heldout,
+                          note="; ".join(notes))
 
 
 def run_ps(student: Any, promoted_states: Sequence[Any], hard_train: Sequence[Any], hard_test: Sequence[Any],
@@ -344,6 +389,7 @@ __all__ = [
     "bootstrap_ci",
     "bootstrap_pass_at_k",
     "curve_slope",
+    "early_stop_set",
     "promoted_students_callback",
     "run_pq",
     "run_ps",

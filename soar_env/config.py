@@ -12,6 +12,7 @@ text in the ``soar`` command line (see ``soar_env.cli``).
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +27,12 @@ BACKENDS = ("local", "ray")
 of a step at once on Ray actors (extra ``ray``; see ``soar_env.ray_backend``)."""
 
 DTYPES = ("float32", "bfloat16", "float16")
+
+KL_REFERENCES = ("baseline", "initial")
+"""What the student's KL pulls towards (see ``soar_env.student.StudentConfig.kl_reference``)."""
+
+LOSS_NORMALIZATIONS = ("tokens", "sequences")
+"""How the RLOO loss is averaged (see ``soar_env.rl.rloo.RLOOConfig.loss_normalization``)."""
 
 SAMPLERS = ("transformers", "vllm")
 """Who samples student rollouts; log-probs and updates always run on the transformers model."""
@@ -58,9 +65,12 @@ class EnvConfig:
     require_parsable: bool = False
     """Reject action entries whose answer Math-Verify cannot read (costs a worker round trip each);
     off by default since such a problem only wastes its share of the inner training."""
-    invalid_penalty: float = -1.0
-    """Reward of a step whose action held no valid problem: the floor of the grounded reward, so no
-    valid batch can score below it."""
+    invalid_penalty: float | None = None
+    """Reward of a dataset that held no valid problem (it trains nothing; info["invalid_action"] is
+    True). None: the floor of this step's reward, the least any valid dataset could score (grounded:
+    minus the baseline's Q_R accuracy, as if training had wiped out every correct answer; intrinsic:
+    0), so invalid output never beats a valid batch yet stays on the scale of real rewards. A number
+    fixes it (-1 was the old default: 25-50x the paper's rewards, it dominated RLOO advantages)."""
     episode_length: int = 200
     """Teacher steps per episode (paper: 200); the registered TimeLimit and the step-fraction feature."""
 
@@ -98,6 +108,16 @@ class EnvConfig:
     """{doc:soar_env.rl.rloo.RLOOConfig.lr} The student's inner runs use no warm-up."""
     kl_coef: float = 1e-3
     """{doc:soar_env.rl.rloo.RLOOConfig.kl_coef}"""
+    kl_reference: str = "baseline"
+    """{doc:soar_env.student.StudentConfig.kl_reference}"""
+    weight_decay: float = 0.0
+    """{doc:soar_env.rl.rloo.RLOOConfig.weight_decay}"""
+    max_grad_norm: float | None = 1.0
+    """{doc:soar_env.rl.rloo.RLOOConfig.max_grad_norm}"""
+    skip_zero_advantage: bool = True
+    """{doc:soar_env.rl.rloo.RLOOConfig.skip_zero_advantage}"""
+    loss_normalization: str = "tokens"
+    """{doc:soar_env.rl.rloo.RLOOConfig.loss_normalization}"""
     temperature: float = 1.0
     """{doc:soar_env.student.StudentConfig.temperature} Also the intrinsic modes' sampling (paper: 1.0)."""
     max_new_tokens: int = 1024
@@ -105,7 +125,8 @@ class EnvConfig:
     eval_max_new_tokens: int | None = None
     """Longest student answer when measuring accuracy on Q_R (None: max_new_tokens)."""
     greedy_eval: bool = True
-    """Measure Q_R accuracy with greedy decoding (paper); False samples at the temperature."""
+    """Measure Q_R accuracy with greedy decoding (paper); False samples one answer per problem at the
+    temperature, the baseline afresh every step with the seed that step's trained students use."""
     require_box: bool = True
     """{doc:soar_env.student.StudentConfig.require_box} Paper: True."""
     grade_timeout: float = 5.0
@@ -199,6 +220,17 @@ class EnvConfig:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
         if self.kl_coef < 0:
             raise ValueError(f"kl_coef must be >= 0, got {self.kl_coef!r}")
+        if self.kl_reference not in KL_REFERENCES:
+            raise ValueError(f"kl_reference must be one of {KL_REFERENCES}, got {self.kl_reference!r}")
+        if self.loss_normalization not in LOSS_NORMALIZATIONS:
+            raise ValueError(f"loss_normalization must be one of {LOSS_NORMALIZATIONS}, "
+                             f"got {self.loss_normalization!r}")
+        if not float(self.weight_decay) >= 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        if self.max_grad_norm is not None and not float(self.max_grad_norm) >= 0:
+            raise ValueError(f"max_grad_norm must be None or >= 0 (0: no clipping), got {self.max_grad_norm!r}")
+        if self.invalid_penalty is not None and not math.isfinite(float(self.invalid_penalty)):
+            raise ValueError(f"invalid_penalty must be None or a finite number, got {self.invalid_penalty!r}")
         if not 1 <= self.sample_difficulty <= 5:  # the generators' levels (soar_env.data.generators)
             raise ValueError(f"sample_difficulty must be in 1..5, got {self.sample_difficulty!r}")
 

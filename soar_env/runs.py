@@ -42,6 +42,10 @@ class RunSpec:
     eval_samples: int = 1
     greedy: bool = True
     eval_tokens: int = 1024
+    eval_seed: int | None = None
+    """Seed of a sampled evaluation instead of ``seed``: the step's seed that the baseline was
+    evaluated with on the same problems (common random numbers), so a run that left the weights
+    unchanged answers exactly as the baseline did and is not evaluated again."""
 
 
 @dataclass
@@ -102,8 +106,9 @@ def execute_run(student: Any, spec: RunSpec, baseline: Any) -> RunRecord:
     """Run ``spec`` on ``student``, whose policy holds ``baseline``; the student ends at baseline.
 
     A failed run (no state) or one whose every update was skipped (state equal to the baseline)
-    is not evaluated under greedy decoding: its answers are the baseline's, which the caller has
-    cached, so ``correct`` stays None and the evaluation costs nothing.
+    is not evaluated under greedy decoding, nor when sampling with the baseline's ``eval_seed``:
+    its answers are the baseline's, which the caller holds, so ``correct`` stays None and the
+    evaluation costs nothing.
     """
     record = RunRecord(index=spec.index)
     state = None
@@ -116,13 +121,15 @@ def execute_run(student: Any, spec: RunSpec, baseline: Any) -> RunRecord:
         state = getattr(trained, "state", None)
         if getattr(trained, "error", None):
             record.error = str(trained.error)
-        if state is None or (spec.greedy and same_state(state, baseline)):
+        answers_known = spec.greedy or spec.eval_seed is not None  # deterministic given the weights
+        if state is None or (answers_known and same_state(state, baseline)):
             record.train_seconds = time.perf_counter() - t0
             return record
     t1 = time.perf_counter()
     record.train_seconds = t1 - t0
     evaluation = student.evaluate(list(spec.eval_problems), samples=spec.eval_samples, greedy=spec.greedy,
-                                  state=state, max_new_tokens=spec.eval_tokens, seed=spec.seed)
+                                  state=state, max_new_tokens=spec.eval_tokens,
+                                  seed=spec.seed if spec.eval_seed is None else spec.eval_seed)
     record.correct = [int(c) for c in evaluation.correct]
     record.tokens += int(getattr(evaluation, "tokens", 0) or 0)
     record.eval_seconds = time.perf_counter() - t1

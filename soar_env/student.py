@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Protocol, Sequence
 
 import torch
 
-from soar_env.config import EnvConfig
+from soar_env.config import KL_REFERENCES, EnvConfig
 from soar_env.metrics import mean_pass_at_k
 from soar_env.problems import Problem, Rejection, to_problem
 from soar_env.prompts import student_prompt
@@ -54,7 +54,8 @@ class StudentConfig:
     max_new_tokens: int = 1024
     """Generation limit for training samples."""
     temperature: float = 1.0
-    """Sampling temperature for training samples (and for non-greedy evaluation)."""
+    """Sampling temperature for training samples (and for non-greedy evaluation); the RLOO update
+    scores the samples at the same temperature, so it stays on-policy."""
     eval_max_new_tokens: int = 1024
     """Generation limit for evaluation."""
     require_box: bool = True
@@ -67,6 +68,12 @@ class StudentConfig:
     """{doc:soar_env.rl.rloo.RLOOConfig.lr}"""
     kl_coef: float = 0.001
     """{doc:soar_env.rl.rloo.RLOOConfig.kl_coef}"""
+    kl_reference: str = "baseline"
+    """What the inner loop's KL pulls towards: "baseline", the baseline each run starts from (after
+    a promotion, the promoted student), or "initial", the episode-start student. The paper gives
+    only the coefficient (0.001) for RLOO on a copy of the baseline; RLOO and GRPO take the policy a
+    run starts from as its reference, hence "baseline". With LoRA either is one copy of the
+    adapters, not a second model."""
     warmup_steps: int = 0
     """{doc:soar_env.rl.rloo.RLOOConfig.warmup_steps}"""
     weight_decay: float = 0.0
@@ -77,12 +84,18 @@ class StudentConfig:
     """{doc:soar_env.rl.rloo.RLOOConfig.min_lr_ratio}"""
     skip_zero_advantage: bool = True
     """{doc:soar_env.rl.rloo.RLOOConfig.skip_zero_advantage}"""
+    loss_normalization: str = "tokens"
+    """{doc:soar_env.rl.rloo.RLOOConfig.loss_normalization}"""
     micro_batch_size: int | None = None
     """{doc:soar_env.rl.rloo.RLOOConfig.micro_batch_size}"""
     sample_batch_size: int = 64
     """Sequences generated together; lower it to bound memory."""
     seed: int = 0
     """Default seed of problem order, sampling and dropout in ``train`` and sampled ``evaluate``."""
+
+    def __post_init__(self) -> None:
+        if self.kl_reference not in KL_REFERENCES:
+            raise ValueError(f"kl_reference must be one of {KL_REFERENCES}, got {self.kl_reference!r}")
 
     def rloo_config(self) -> RLOOConfig:
         """The optimiser/loss part of these settings."""
@@ -94,6 +107,7 @@ class StudentConfig:
             max_grad_norm=self.max_grad_norm,
             min_lr_ratio=self.min_lr_ratio,
             skip_zero_advantage=self.skip_zero_advantage,
+            loss_normalization=self.loss_normalization,
             micro_batch_size=self.micro_batch_size,
         )
 
@@ -181,6 +195,10 @@ class Student:
         self.policy = policy
         self.config = config if config is not None else StudentConfig()
         self._baseline: State = _clone_state(policy.state_dict_trainable())
+        self._initial: State = self._baseline
+        """The trainable tensors the student was built with: the "initial" KL reference."""
+        self._reference: State | None = None
+        """The state last given to the policy as KL reference (set lazily, before training)."""
         self.promotions = 0
         """How many trained states have become the baseline."""
 
@@ -200,10 +218,24 @@ class Student:
         self.policy.load_state_dict_trainable(self._baseline)
 
     def promote(self, state: State) -> None:
-        """Make a trained state the new baseline; later inner runs use ``steps_after_promotion``."""
+        """Make a trained state the new baseline; later inner runs use ``steps_after_promotion``.
+
+        With ``kl_reference="baseline"`` the KL reference follows: the next run pulls towards it.
+        """
         self._baseline = _clone_state(state)
         self.reset()
         self.promotions += 1
+
+    def reference_state(self) -> State:
+        """The trainable tensors the inner loop's KL pulls towards (``kl_reference``)."""
+        return self._baseline if self.config.kl_reference == "baseline" else self._initial
+
+    def _sync_reference(self) -> None:
+        """Give the policy the KL reference of ``kl_reference`` if it changed since the last run."""
+        target = self.reference_state()
+        if self.config.kl_coef > 0 and target is not self._reference:
+            self.policy.set_reference(target)
+            self._reference = target
 
     # -- inner loop ----------------------------------------------------------------------------
 
@@ -265,6 +297,7 @@ class Student:
         rng = random.Random(seed)
         device = getattr(self.policy, "device", torch.device("cpu"))
         self.reset()
+        self._sync_reference()
         try:
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                 torch.manual_seed(seed)
@@ -307,7 +340,7 @@ class Student:
             tokens = sum(len(c) for c in rollout.completion_ids)
             result.tokens += tokens
             try:
-                stats = updater.update(self.policy, rollout, rewards, group_size)
+                stats = updater.update(self.policy, rollout, rewards, group_size, temperature=config.temperature)
             except NonFiniteLossError as exc:
                 result.error = f"non_finite_loss at step {step}: {exc}"
                 result.stats.append({"step": float(step), **exc.stats})
@@ -420,6 +453,11 @@ def build_student(config: EnvConfig) -> Student:
         grade_timeout=config.grade_timeout,
         lr=config.learning_rate,
         kl_coef=config.kl_coef,
+        kl_reference=config.kl_reference,
+        weight_decay=config.weight_decay,
+        max_grad_norm=config.max_grad_norm,
+        skip_zero_advantage=config.skip_zero_advantage,
+        loss_normalization=config.loss_normalization,
         seed=config.seed if config.seed is not None else 0,
     )
     return Student(policy, student_config)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from agents import StepRecord
-from benchmarks import evaluation
+from benchmarks import bench_report, evaluation
 from benchmarks.analysis import embedding_model_path
 from benchmarks.bench_config import BenchConfig
 from benchmarks.bench_report import aggregate, markdown_table
@@ -103,7 +103,7 @@ def test_eval_config_validates():
 @pytest.fixture(scope="module")
 def tiny():
     config = make_config("tiny")
-    train, test = hard_splits(config, seed=0)
+    train, test = hard_splits(config)
     return config, train, test, build_student
 
 
@@ -112,12 +112,12 @@ def test_hard_splits_disjoint(tiny):
     assert train and test and not {p.id for p in train} & {p.id for p in test}
 
 
-@pytest.mark.parametrize("mode", ["curriculum", "mixed"])
-def test_run_pq_tiny(tiny, mode):
+@pytest.mark.parametrize("mode,schedule", [("curriculum", "one-run"), ("mixed", "one-run"), ("mixed", "per-chunk")])
+def test_run_pq_tiny(tiny, mode, schedule):
     config, train, test, build_student = tiny
     promoted = train[:2]
     evaluation = EvalConfig(mode=mode, max_steps=4, synthetic_steps=2, eval_every=1, slope_window=2,
-                            samples=4, test_size=4, heldout_size=4, early_stop=True)
+                            samples=4, test_size=4, heldout_size=4, early_stop=True, schedule=schedule)
     student = build_student(config)
     result = run_pq(config, promoted, train, test, evaluation, seed=0, student=student)
     assert set(result.pass_at_k) == {1, 4}
@@ -125,8 +125,9 @@ def test_run_pq_tiny(tiny, mode):
     assert 1 <= result.student_steps <= 4 and result.tokens > 0
     # A flat held-out curve (the random tiny model solves nothing) stops early after the window fills.
     assert result.curve and result.stopped_early == (result.student_steps < 4)
-    # Each training chunk continued from the previous one's weights (the random tiny model solves
-    # nothing, so RLOO leaves them unchanged; the chunking is what is checked here).
+    assert result.heldout == 4 and result.train_problems == len(train) - 4 + len(promoted)
+    # Each chunk's weights became the baseline that the curve measures (per-chunk: and that the next
+    # chunk starts from; the random tiny model solves nothing, so RLOO leaves the weights unchanged).
     assert student.promotions == len(result.curve)
 
 
@@ -322,10 +323,12 @@ def test_table_averages_meta_training_compute_over_seeds():
     assert lines["| SOAR PQ"].endswith("| 4 / 200 / 30 |") and lines["| Hard-Only"].endswith("| – |")
 
 
-def test_paper_table_has_paper_numbers():
+def test_paper_table_has_paper_numbers(monkeypatch):
     row = {"seeds": 1, "pass_at_k": {str(k): [1.0, 0.5, 1.5] for k in (1, 4, 8, 16, 32)}, "student_steps": 10,
            "tokens": 100, "seconds": 1.0, "meta": None, "notes": []}
+    monkeypatch.setattr(bench_report, "paper_differences", lambda bench, questions=False: [])
     text = markdown_table(BenchConfig(preset="paper", seeds=1), {"soar-pq": row, "hard-only": row})
+    assert "| paper (MATH) |" in text and "different settings" not in text
     assert "1.7/5.3/8.5/13.0/18.9" in text and "0.5/1.7/3.2/5.7/9.6" in text
     assert text.index("Hard-Only") < text.index("SOAR PQ")
 

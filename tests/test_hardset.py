@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from dataclasses import dataclass
 
 import pytest
+import torch
 
 from soar_env.cli import main as soar_main
 from soar_env.data.hardset import HardSetConfig, build_hardset, load_hardset
@@ -105,3 +107,99 @@ def test_bundled_hardset_is_shipped_and_split():
     assert len(train) >= 20 and len(test) >= 20
     assert not {p.id for p in train} & {p.id for p in test}
     assert all(p.meta["correct"] == 0 for p in train + test)
+
+
+# -- where it runs: device, dtype, sampler ----------------------------------------------------------
+
+VLLM_MISSING = importlib.util.find_spec("vllm") is None
+
+
+class FakeFromName:
+    """Stands in for `LMPolicy.from_name`: records where the model would load, returns a scripted policy."""
+
+    def __init__(self):
+        self.calls: list[dict] = []
+
+    def __call__(self, name, **kwargs):
+        self.calls.append({"name": name, **kwargs})
+        return ScriptedPolicy({})
+
+
+@pytest.fixture
+def fake_from_name(monkeypatch):
+    from soar_env.models.policy import LMPolicy
+
+    fake = FakeFromName()
+    monkeypatch.setattr(LMPolicy, "from_name", fake)
+    return fake
+
+
+@pytest.mark.parametrize("gpu, device, dtype", [(True, "cuda", torch.bfloat16), (False, "cpu", torch.float32)])
+def test_auto_device_takes_the_gpu_when_there_is_one(tmp_path, monkeypatch, fake_from_name, gpu, device, dtype):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu)
+    out = tmp_path / "hard.jsonl"
+    build_hardset(HardSetConfig(source=POOL, out=str(out), k=2, limit=3), progress=False)
+    assert [(c["device"], c["dtype"], c["lora"]) for c in fake_from_name.calls] == [(device, dtype, None)]
+    meta = json.loads((tmp_path / "hard.jsonl.meta.json").read_text())
+    assert meta["runtime"] == {"device": device, "dtype": str(dtype).split(".")[1], "sampler": "transformers"}
+
+
+def test_cpu_builds_sample_exactly_as_before(one_thread):
+    """On the CPU the resolved model is the one the builder always loaded: same weights, same samples."""
+    from soar_env.data.hardset import load_policy, resolve_runtime
+    from soar_env.models.policy import LMPolicy
+
+    config = HardSetConfig(source=POOL, out="unused.jsonl", model="tiny", device="cpu")
+    runtime = resolve_runtime(config)
+    assert runtime == {"device": "cpu", "dtype": "float32", "sampler": "transformers"}
+    new, old = load_policy(config, runtime), LMPolicy.from_name("tiny", lora=None)
+    prompts = [new.chat_prompt("What is 2 + 3?"), new.chat_prompt("What is 7 * 6?")]
+    first = new.sample(prompts, num_samples=3, temperature=1.0, max_new_tokens=6, seed=11)
+    second = old.sample(prompts, num_samples=3, temperature=1.0, max_new_tokens=6, seed=11)
+    assert first.texts == second.texts and first.prompt_index == second.prompt_index
+
+
+@pytest.mark.skipif(not VLLM_MISSING, reason="vLLM is installed here")
+def test_vllm_without_the_extra_is_a_clear_error_before_any_model_loads(tmp_path, capsys, fake_from_name):
+    code = soar_main(["hardset", "--source", POOL, "--out", str(tmp_path / "x.jsonl"), "--sampler", "vllm",
+                      "--device", "cuda"])
+    assert code == 2
+    assert "soar-gym[vllm]" in capsys.readouterr().err
+    assert fake_from_name.calls == []
+    with pytest.raises(ImportError, match=r"soar-gym\[vllm\]"):
+        build_hardset(HardSetConfig(source=POOL, out=str(tmp_path / "y.jsonl"), sampler="vllm", device="cuda"),
+                      progress=False)
+
+
+def test_vllm_needs_a_gpu(tmp_path, monkeypatch, fake_from_name):
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        HardSetConfig(source=POOL, out="x.jsonl", sampler="vllm", device="cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="resolved to 'cpu'"):
+        build_hardset(HardSetConfig(source=POOL, out=str(tmp_path / "x.jsonl"), sampler="vllm"), progress=False)
+    assert fake_from_name.calls == []
+
+
+def test_vllm_sampler_is_attached_like_the_env_student_does(tmp_path, monkeypatch, fake_from_name):
+    import soar_env.models.vllm_sampler as vllm_sampler
+
+    attached = []
+
+    class FakeVLLMSampler:
+        def __init__(self, policy, settings):
+            attached.append(settings)
+
+    monkeypatch.setattr(vllm_sampler, "import_vllm", lambda: None)
+    monkeypatch.setattr(vllm_sampler, "VLLMSampler", FakeVLLMSampler)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    config = HardSetConfig(source=POOL, out=str(tmp_path / "x.jsonl"), k=2, limit=2, sampler="vllm",
+                           vllm_gpu_memory_utilization=0.5)
+    build_hardset(config, progress=False)
+    assert [(s.dtype, s.gpu_memory_utilization) for s in attached] == [("bfloat16", 0.5)]
+
+
+def test_train_gets_the_fraction_rounded_down(tmp_path):
+    out = tmp_path / "hard.jsonl"
+    result = build_hardset(HardSetConfig(source=POOL, out=str(out), k=2, limit=7), policy=ScriptedPolicy({}),
+                           progress=False)
+    assert (result.train, result.test) == (3, 4)

@@ -226,3 +226,42 @@ def test_hf_rows_are_normalised(monkeypatch):
     load_problems("hf:openai/gsm8k:train")
     assert calls[-1] == ("openai/gsm8k", None, "train")
     assert len(load_hf_dataset("x/y", "test", limit=1)) == 1
+
+
+# Rows as the full 5,000-problem MATH test split has them on the Hub
+# (hf:DigitalLearningGmbH/MATH-lighteval:default:test): problem, level, type, worked solution.
+FULL_MATH_ROWS = [
+    {"problem": "What is $\\dfrac{1}{2}+\\dfrac{1}{3}$?", "level": "Level 1", "type": "Prealgebra",
+     "solution": "The sum is $\\boxed{\\dfrac{5}{6}}$."},
+    {"problem": "Find $x$ if $2x = 10$.", "level": "Level 2", "type": "Algebra",
+     "solution": "Dividing, $x = \\boxed{5}$. Check: $2 \\cdot \\boxed{5} = 10$."},  # the last box is the answer
+    {"problem": "Compute $\\binom{5}{2}$.", "level": "Level 3", "type": "Counting & Probability",
+     "solution": "$\\binom{5}{2} = \\fbox{10}$"},  # a few MATH solutions box with \fbox
+    {"problem": "Find the vertex of $y=(x-1)^2+2$.", "level": "Level 4", "type": "Algebra",
+     "solution": "It is $\\boxed{(1, 2)}$ by inspection{\\it !}"},
+    {"problem": "A row whose solution has no box.", "level": "Level 5", "type": "Geometry",
+     "solution": "The answer is 7."},
+]
+
+
+def test_the_full_math_test_split_reads_as_math(tmp_path: Path, monkeypatch):
+    path = tmp_path / "math_test.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in FULL_MATH_ROWS))
+    with pytest.warns(SkippedRowsWarning, match="1 of 5 rows skipped"):
+        problems = load_problems(str(path))
+    assert [p.answer for p in problems] == ["\\dfrac{5}{6}", "5", "10", "(1, 2)"]
+    assert problems[0].question == FULL_MATH_ROWS[0]["problem"]
+    assert problems[2].meta["type"] == "Counting & Probability" and problems[2].meta["level"] == "Level 3"
+
+    calls = []
+
+    def fake(name, config=None, split=None):
+        calls.append((name, config, split))
+        return FULL_MATH_ROWS
+
+    monkeypatch.setitem(sys.modules, "datasets", _fake_datasets(fake))
+    with pytest.warns(SkippedRowsWarning):
+        from_hub = load_problems("hf:DigitalLearningGmbH/MATH-lighteval:default:test")
+    assert calls == [("DigitalLearningGmbH/MATH-lighteval", "default", "test")]
+    assert [p.answer for p in from_hub] == [p.answer for p in problems]
+    assert from_hub[0].id == "math-lighteval-0"

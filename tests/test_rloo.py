@@ -126,6 +126,19 @@ def test_zero_advantages_give_exactly_zero_gradient() -> None:
     assert torch.count_nonzero(logprobs.grad) == 0
 
 
+def test_sequence_normalisation_hand_computed() -> None:
+    logprobs = torch.tensor([[-1.0, -2.0, -3.0], [-0.5, -1.0, 0.0]], requires_grad=True)
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    advantages = torch.tensor([1.0, -1.0])
+    loss, _ = rloo_loss(logprobs, None, mask, advantages, kl_coef=0.0, normalization="sequences")
+    # per sequence: (1 + 2) / 2 = 1.5 and (0.5 + 1 + 0) / 3 = -0.5... with A = -1: -0.5; mean of 2: 0.5
+    assert loss.item() == pytest.approx(0.5)
+    loss.backward()
+    torch.testing.assert_close(logprobs.grad, torch.tensor([[-0.5, -0.5, 0.0], [1 / 3, 1 / 3, 1 / 3]]) / 2)
+    with pytest.raises(ValueError, match="normalization"):
+        rloo_loss(logprobs, None, mask, advantages, kl_coef=0.0, normalization="words")
+
+
 def test_kl_estimator_is_non_negative() -> None:
     lp, ref = torch.randn(8, 9), torch.randn(8, 9)
     _, stats = rloo_loss(lp, ref, torch.ones(8, 9), torch.zeros(8), kl_coef=1.0)
@@ -230,6 +243,37 @@ def test_micro_batching_matches_full_batch() -> None:
         torch.testing.assert_close(logits, results[0][0])
         for key in ("loss", "pg_loss", "kl", "grad_norm", "tokens"):
             assert stats[key] == pytest.approx(results[0][1][key], rel=1e-5, abs=1e-7)
+
+
+def test_micro_batching_matches_full_batch_with_sequence_normalisation() -> None:
+    completions = [[0, 1, 2], [3], [1, 1], [2, 0, 0, 3]]
+    results = []
+    for micro in (None, 1, 3):
+        policy = ToyPolicy(seed=4)
+        with torch.no_grad():
+            policy.logits.add_(0.5)
+        config = RLOOConfig(lr=0.1, kl_coef=0.5, micro_batch_size=micro, loss_normalization="sequences")
+        updater = RLOOUpdater(policy.trainable_parameters(), config, total_steps=4)
+        stats = updater.update(policy, toy_rollout(completions, 2), [1.0, 0.0, 0.0, 1.0], group_size=2)
+        results.append((policy.logits.detach().clone(), stats["loss"]))
+    for logits, loss in results[1:]:
+        torch.testing.assert_close(logits, results[0][0])
+        assert loss == pytest.approx(results[0][1], rel=1e-5)
+
+
+def test_zero_max_grad_norm_disables_clipping_like_none() -> None:
+    rollout = toy_rollout([[0, 1, 2], [3], [1, 1], [2, 0, 0, 3]], 2)
+    after = []
+    for max_norm in (None, 0.0):
+        policy = ToyPolicy(seed=5)
+        start = policy.logits.detach().clone()
+        updater = RLOOUpdater(policy.trainable_parameters(), RLOOConfig(lr=0.1, max_grad_norm=max_norm), total_steps=2)
+        updater.update(policy, rollout, [1.0, 0.0, 0.0, 1.0], group_size=2)
+        after.append(policy.logits.detach().clone())
+        assert not torch.equal(after[-1], start), "clipping to norm 0 would zero the gradient"
+    torch.testing.assert_close(after[1], after[0])
+    with pytest.raises(ValueError, match="max_grad_norm"):
+        RLOOConfig(max_grad_norm=-1.0)
 
 
 def test_update_rejects_bad_grouping() -> None:

@@ -222,3 +222,18 @@ def test_evaluate_with_state_uses_that_state(policy, parity_grader) -> None:
     student.evaluate(PROBLEMS, max_new_tokens=6)
     base, other, base_again = parity_grader.responses
     assert base == base_again and other != base
+
+
+def test_update_scores_samples_at_the_sampling_temperature(policy, parity_grader, monkeypatch) -> None:
+    """Samples drawn at T are scored as log softmax(logits / T): on-policy at any temperature."""
+    seen: list[tuple[bool, float]] = []
+    score = policy.token_logprobs
+
+    def spy(prompt_ids, completion_ids, **options):
+        seen.append((options.get("reference", False), options.get("temperature", 1.0)))
+        return score(prompt_ids, completion_ids, **options)
+
+    monkeypatch.setattr(policy, "token_logprobs", spy)
+    student = Student(policy, tiny_config(steps=1, temperature=0.5, kl_coef=0.1, skip_zero_advantage=False))
+    assert student.train(PROBLEMS).ok
+    assert seen and set(seen) == {(False, 0.5), (True, 0.5)}

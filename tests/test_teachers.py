@@ -12,6 +12,7 @@ import importlib.util
 import json
 import math
 import sys
+import warnings
 from pathlib import Path
 
 import gymnasium as gym
@@ -181,8 +182,8 @@ def test_every_output_of_dataset_k_gets_advantage_a_k():
 
     datasets = [[draft(0, 0), draft(0, 1)], [draft(1, 0, stages=1), draft(1, 1)], [draft(2, 0), draft(2, 1)]]
     rewards = np.array([0.03, -0.01, 0.01])
-    rollout, row_rewards = build_rollout(datasets, rewards)
-    assert len(rollout) == 2 * 2 * 3  # problems x stages x g
+    rollout, row_rewards, group_size = build_rollout(datasets, rewards)
+    assert len(rollout) == 2 * 2 * 3 and group_size == 3  # problems x stages x g
     advantages = rloo_advantages(torch.tensor(row_rewards).view(-1, 3)).view(-1)
     expected = {k: rewards[k] - np.mean(np.delete(rewards, k)) for k in range(3)}
     for row, advantage in enumerate(advantages.tolist()):
@@ -194,7 +195,7 @@ def test_every_output_of_dataset_k_gets_advantage_a_k():
     assert rollout.completion_ids[3 + 1] == []
 
 
-def test_rejection_sampling_stops_at_its_budget_and_fills_with_what_it_has(monkeypatch):
+def test_rejection_sampling_stops_at_its_budget_and_proposes_only_valid_problems(monkeypatch):
     teacher = RLOOTeacher(tiny_config(max_attempts=2.5))
     calls = []
 
@@ -205,19 +206,22 @@ def test_rejection_sampling_stops_at_its_budget_and_fills_with_what_it_has(monke
 
     monkeypatch.setattr(TeacherSampler, "sample", never_valid)
     monkeypatch.setattr(RLOOTeacher, "sampler", property(lambda self: TeacherSampler.__new__(TeacherSampler)))
-    batches = teacher.propose(2, 4)
+    with pytest.warns(RuntimeWarning, match="only 0 of 8 problems were valid"):
+        batches = teacher.propose(2, 4)
     metrics = teacher.pop_metrics()
     assert sum(calls) == math.ceil(2.5 * 2 * 4) == 20
     assert batches == [[], []]  # the env only ever sees valid problems
     assert metrics["teacher/bound_hit"] == 1.0 and metrics["teacher/acceptance_rate"] == 0.0
-    assert metrics["teacher/filled_with_rejected"] == 8.0
+    assert metrics["teacher/problems_short"] == 8.0 and metrics["teacher/empty_datasets"] == 2.0
     assert metrics["teacher/rejected/missing_question_tag"] == 20.0
-    assert [len(d) for d in teacher.last_drafts()] == [4, 4]  # the RLOO groups stay complete
+    assert teacher.last_drafts() == [[], []]  # rejected outputs get no gradient (tests/test_teacher_budget.py)
 
 
 def test_rejection_sampling_with_a_random_model_ends_and_records_the_shortfall():
     teacher = RLOOTeacher(tiny_config(model="tiny", max_attempts=1.5))  # random weights: no format
-    batches = teacher.propose(2, 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the budget warning (tests/test_teacher_budget.py)
+        batches = teacher.propose(2, 2)
     metrics = teacher.pop_metrics()
     assert metrics["teacher/samples_drawn"] <= math.ceil(1.5 * 4)
     assert sum(len(b) for b in batches) == round(metrics["teacher/acceptance_rate"] * metrics["teacher/samples_drawn"])
@@ -247,7 +251,7 @@ def test_teacher_update_in_micro_batches_equals_one_pass():
     for micro in (None, 2):
         teacher = RLOOTeacher(tiny_config(prefill="answer", max_attempts=3.0, micro_batch_size=micro))
         teacher.propose(2, 3)
-        rollout, _ = build_rollout(teacher.last_drafts(), np.zeros(2))
+        rollout, _, _ = build_rollout(teacher.last_drafts(), np.zeros(2))
         assert len(rollout) > 2  # the micro-batched update really runs in several passes
         before = params(teacher)
         stats = teacher.update(np.array([0.05, -0.05]), [])

@@ -122,7 +122,9 @@ def test_a_user_teacher_runs_from_the_command_line(tmp_path, monkeypatch, capsys
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == 2 and len(summary["reward_trajectory"]) == 2
     assert summary["student_accuracy"]["hard_train"]["problems"] == 3
-    assert summary["student_accuracy"]["hard_test"]["before"] is None  # a generated hard set has no test split
+    # The generated hard pool is split like any other: its test half (16 of 32) is measured, never Q_R.
+    assert summary["student_accuracy"]["hard_test"]["problems"] == 16
+    assert summary["student_accuracy"]["hard_test"]["before"] is not None
     rows = list(csv.DictReader((run_dir / "progress.csv").open()))
     assert [r["step"] for r in rows] == ["1", "2"] and "teacher/level" in rows[0]
     for name in ("run_config.json", "eval_before.json", "pq.jsonl", "checkpoints/step_000002/teacher.pt",

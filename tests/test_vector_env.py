@@ -92,16 +92,18 @@ def test_median_run_of_best_dataset_is_promoted():
 
 
 def test_invalid_dataset_gets_penalty_and_stays_out_of_the_average():
-    envs, student = scripted_vec({"a": 0.1, "c": 0.1}, promotion_window=1, promotion_threshold=0.05)
+    # Default penalty: the step's reward floor, minus the baseline's Q_R accuracy (0.2, then 0.3
+    # once dataset a is promoted), not -1, which would swamp the teacher's advantages.
+    envs, student = scripted_vec({"a": 0.1, "c": 0.1}, promotion_window=1, promotion_threshold=0.05, skill=0.2)
     envs.reset(seed=0)
     _, rewards, _, _, infos = envs.step((tagged("a"), [{"question": "", "answer": ""}], tagged("c")))
-    np.testing.assert_allclose(rewards, [0.1, -1.0, 0.1])
+    np.testing.assert_allclose(rewards, [0.1, -0.2, 0.1])
     assert infos["invalid_action"].tolist() == [False, True, False]
     assert "nothing was trained" in infos["reason"][1]
     assert infos["promoted_dataset"] == 0, "mean over valid datasets (0.1) exceeds tau; ties keep the first"
     # A vector action of the wrong length is rejected for every dataset, never raised.
     _, rewards, _, _, infos = envs.step((tagged("a"),))
-    np.testing.assert_allclose(rewards, [-1.0] * 3)
+    np.testing.assert_allclose(rewards, [-0.3] * 3)
     assert set(infos["reason"]) == {"no valid problem in the action (not_a_batch x1); nothing was trained"}
 
 

@@ -12,17 +12,26 @@ soon as it is graded, and a restarted build with the same settings skips those. 
 is ``<out>`` (one problem per line, with its ``split``, ``correct`` and ``samples``) and
 ``<out>.meta.json`` (the exact settings, pool statistics and timing).
 
-An env reads its hard pool with `load_hard_pool` (the ``hardset`` and ``hardset_split``
-settings); the benchmarks take both splits with `hard_splits`.
+``--device auto`` (default) samples on the GPU when there is one, in bfloat16 (``--dtype auto``);
+``--sampler vllm`` hands the sampling to vLLM (extra ``vllm``). On a CPU the build is exactly
+what it was before these settings existed: float32, transformers, the same seeds.
+
+One train/test split (`split_pool`), applied whenever a pool is loaded: a file with a
+``split`` column (what this builder writes, and the bundled set) keeps it; any other pool (a
+``generator:`` or ``hf:`` spec, a plain jsonl) is split 50/50 by the SHA-256 of each problem's
+whitespace-normalised question, so the split never depends on the pool's order, on a seed or
+on which problems Q_R happens to draw. An env draws Q_R from the train split only
+(`load_hard_pool`); the benchmarks and ``soar train`` test on the test split (`hard_splits`).
 """
 
 from __future__ import annotations
 
-import dataclasses
+import hashlib
 import json
+import math
 import os
-import random
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
@@ -31,7 +40,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from tqdm.auto import tqdm
 
-from soar_env.config import EnvConfig
+from soar_env.config import DTYPES, SAMPLERS, EnvConfig
 from soar_env.data.loaders import load_jsonl, load_problems, save_jsonl
 from soar_env.problems import Problem
 from soar_env.prompts import student_prompt
@@ -42,6 +51,13 @@ if TYPE_CHECKING:
 
 BUNDLED_HARDSET = "hardset_smollm2.jsonl"
 """File name of the default hard set shipped in ``soar_env/data/bundled``."""
+
+HARD_TRAIN_FRACTION = 0.5
+"""Share of a pool without a split column that goes to train (the paper's random 50/50 split)."""
+
+
+class HardTestSplitWarning(UserWarning):
+    """Q_R is drawn from the hard test split, so the test problems are no longer held out."""
 
 
 @dataclass
@@ -57,7 +73,7 @@ class HardSetConfig:
     k: int = 128
     """Samples per problem; a problem is kept only if all K are wrong (paper: 128)."""
     train_fraction: float = 0.5
-    """Share of kept problems that go to the train split (paper: 0.5)."""
+    """Share of kept problems that go to the train split, rounded down (paper: 0.5, 359 of 719)."""
     max_new_tokens: int = 1024
     """Tokens per sampled answer (paper: 1024)."""
     temperature: float = 1.0
@@ -74,6 +90,15 @@ class HardSetConfig:
     """Seeds sampling and the train/test split."""
     grade_timeout: float = 5.0
     """Seconds allowed per grade."""
+    device: str = "auto"
+    """Torch device of the model: "auto" (cuda when a GPU is visible, else cpu), "cpu", "cuda", "cuda:1", ..."""
+    dtype: str = "auto"
+    """Model weights' dtype: "auto" (bfloat16 on a GPU, float32 on the CPU), float32, bfloat16 or float16."""
+    sampler: str = "transformers"
+    """Who samples: "transformers", or "vllm" (a CUDA device and the extra: pip install 'soar-gym[vllm]');
+    with vllm raise --batch-size (e.g. 4096): it only bounds the sequences sent per call."""
+    vllm_gpu_memory_utilization: float = 0.6
+    """With sampler vllm: the share of the GPU vLLM takes (nothing trains beside it, unlike in the env)."""
 
     def __post_init__(self) -> None:
         if self.k < 1:
@@ -82,11 +107,20 @@ class HardSetConfig:
             raise ValueError(f"train_fraction must be in [0, 1], got {self.train_fraction}")
         if self.chunk < 1 or self.batch_size < 1 or self.max_new_tokens < 1:
             raise ValueError("chunk, batch_size and max_new_tokens must be >= 1")
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be 'auto' or one of {DTYPES}, got {self.dtype!r}")
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {SAMPLERS}, got {self.sampler!r}")
+        if self.sampler == "vllm" and self.device == "cpu":
+            raise ValueError("sampler 'vllm' needs a CUDA device; device is 'cpu'")
+        if not 0 < float(self.vllm_gpu_memory_utilization) <= 1:
+            raise ValueError(f"vllm_gpu_memory_utilization must be in (0, 1], got {self.vllm_gpu_memory_utilization!r}")
 
     def identity(self) -> dict:
         """Settings that must match for a partial build to be resumed."""
         # Not `limit`: a problem's result does not depend on how many others are built with it,
-        # so a build can be cut short and resumed with a smaller limit.
+        # so a build can be cut short and resumed with a smaller limit. Nor device, dtype or
+        # sampler: each finished problem is a valid 0/K (or solved) record whichever engine drew it.
         keys = ("source", "model", "k", "max_new_tokens", "temperature", "require_box", "chunk", "seed")
         return {key: getattr(self, key) for key in keys}
 
@@ -171,6 +205,44 @@ def count_correct(
     return records
 
 
+def resolve_runtime(config: HardSetConfig) -> dict[str, str]:
+    """The device, dtype and sampler a build runs with (``"auto"`` resolved); checks vLLM is there.
+
+    Raises before any model loads: ``ImportError`` naming the extra when vLLM is asked for but
+    missing, ``ValueError`` when vLLM is asked for and no GPU is visible.
+    """
+    from soar_env.models.resolve import resolve_device  # imports torch: only when a model is needed
+
+    device = resolve_device(config.device)
+    on_gpu = device.startswith("cuda")
+    # bfloat16 on a GPU: half float32's memory and the GPU's fast matmuls, what vLLM samples in
+    # too; float32 on the CPU keeps CPU builds what they always were.
+    dtype = config.dtype if config.dtype != "auto" else ("bfloat16" if on_gpu else "float32")
+    if config.sampler == "vllm":
+        if not on_gpu:
+            raise ValueError(f"sampler 'vllm' needs a CUDA device; device {config.device!r} resolved to {device!r}")
+        from soar_env.models.vllm_sampler import import_vllm
+
+        import_vllm()  # an ImportError that names the extra, before minutes of model loading
+    return {"device": device, "dtype": dtype, "sampler": config.sampler}
+
+
+def load_policy(config: HardSetConfig, runtime: dict[str, str]) -> "LMPolicy":
+    """The student model of a build, on ``runtime``'s device and dtype, sampling with its sampler."""
+    import torch
+
+    from soar_env.models.policy import LMPolicy  # transformers and peft: seconds to import
+
+    policy = LMPolicy.from_name(config.model, lora=None, device=runtime["device"],
+                                dtype=getattr(torch, runtime["dtype"]))
+    if runtime["sampler"] == "vllm":
+        from soar_env.models.vllm_sampler import VLLMSampler, VLLMSettings
+
+        policy.sampler = VLLMSampler(policy, VLLMSettings(
+            dtype=runtime["dtype"], gpu_memory_utilization=config.vllm_gpu_memory_utilization))
+    return policy
+
+
 def build_hardset(config: HardSetConfig, policy: "LMPolicy | None" = None, progress: bool = True) -> HardSetResult:
     """Build (or resume) a hard set and write ``config.out`` and ``config.out + '.meta.json'``."""
     start = time.time()
@@ -189,11 +261,12 @@ def build_hardset(config: HardSetConfig, policy: "LMPolicy | None" = None, progr
     done = _read_partial(partial_path, config.identity())
     todo = [p for p in pool if p.id not in done]
 
+    # What sampled this session (a resumed build that had nothing left to do sampled nothing).
+    runtime = {"device": "n/a", "dtype": "n/a", "sampler": "n/a" if policy is None else "given policy"}
     if todo:
         if policy is None:
-            from soar_env.models.policy import LMPolicy  # transformers and peft: seconds to import
-
-            policy = LMPolicy.from_name(config.model, lora=None)
+            runtime = resolve_runtime(config)
+            policy = load_policy(config, runtime)
         bar = tqdm(total=len(pool), initial=len(done), desc="hard set", unit="problem", disable=not progress)
         new_file = not partial_path.exists() or partial_path.stat().st_size == 0
         with partial_path.open("a", encoding="utf-8") as handle:
@@ -213,8 +286,11 @@ def build_hardset(config: HardSetConfig, policy: "LMPolicy | None" = None, progr
         bar.close()
 
     hard = [p for p in pool if done[p.id]["correct"] == 0]
+    # The split is written into the file (a column `split_pool` keeps): a seeded permutation, so
+    # a rebuild with the same seed reproduces an existing file. Train gets the floor of the
+    # fraction, as the paper's 359 train / 360 test of 719.
     order = np.random.default_rng(config.seed).permutation(len(hard))
-    n_train = int(round(config.train_fraction * len(hard)))
+    n_train = train_count(config.train_fraction, len(hard))
     rows: list[Problem] = []
     for rank, index in enumerate(order):
         problem = hard[index]
@@ -232,6 +308,7 @@ def build_hardset(config: HardSetConfig, policy: "LMPolicy | None" = None, progr
     )
     meta = {
         "settings": asdict(config),
+        "runtime": runtime,
         "result": asdict(result),
         "pool_samples": total_samples,
         "pool_correct": total_correct,
@@ -263,37 +340,68 @@ def load_hardset(path_or_name: str = "bundled", split: str | None = "train") -> 
     return chosen
 
 
-def load_hard_pool(config: EnvConfig) -> list[Problem]:
-    """The problems Q_R is drawn from: a hard-set file's split, or any `load_problems` spec.
+def train_count(train_fraction: float, size: int) -> int:
+    """Problems of ``size`` that go to train: the fraction rounded down (0.5 of 719 is 359, as in the paper)."""
+    return math.floor(train_fraction * size + 1e-9)  # the epsilon keeps 0.29 * 100 at 29
 
-    A jsonl whose rows carry a ``split`` (what ``soar hardset`` writes) gives that split only;
-    a plain problem file or a ``generator:``/``hf:`` spec is used whole.
+
+def split_key(problem: Problem) -> str:
+    """SHA-256 of the whitespace-normalised question: where a problem falls in the split."""
+    return hashlib.sha256(" ".join(problem.question.split()).encode("utf-8")).hexdigest()
+
+
+def split_pool(problems: list[Problem], train_fraction: float = HARD_TRAIN_FRACTION
+               ) -> tuple[list[Problem], list[Problem]]:
+    """(train, test) of a hard pool, each in pool order: the one place a hard pool is split.
+
+    A pool with a ``split`` column keeps it (rows with another value are left out, with a
+    warning). Any other pool goes by `split_key`: the distinct questions sorted by hash, the
+    first ``int(train_fraction * count)`` of them train (359 of 719, as in the paper), the
+    rest test. Equal questions share a hash, so a duplicate cannot sit on both sides; and as
+    the hash ignores order, reordering the pool or drawing Q_R differently changes nothing.
+    """
+    if any("split" in p.meta for p in problems):
+        train = [p for p in problems if p.meta.get("split") == "train"]
+        test = [p for p in problems if p.meta.get("split") == "test"]
+        left_out = len(problems) - len(train) - len(test)
+        if left_out:
+            warnings.warn(f"{left_out} hard-set rows have a split other than 'train'/'test' and are left out",
+                          stacklevel=2)
+        return train, test
+    keys = [split_key(p) for p in problems]
+    distinct = sorted(set(keys))
+    train_keys = set(distinct[: train_count(train_fraction, len(distinct))])
+    train = [p for p, key in zip(problems, keys) if key in train_keys]
+    test = [p for p, key in zip(problems, keys) if key not in train_keys]
+    return train, test
+
+
+def hard_splits(config: EnvConfig) -> tuple[list[Problem], list[Problem]]:
+    """(hard train, hard test) of an env config's hard set, split by `split_pool`.
+
+    The split belongs to the pool, not to a seed, so the env's Q_R and every benchmark seed
+    see the same one.
     """
     spec = config.hardset
-    if spec == "bundled" or (spec.endswith(".jsonl") and os.path.isfile(os.path.expanduser(spec))):
-        rows = load_hardset(os.path.expanduser(spec) if spec != "bundled" else spec, split=None)
-        if any("split" in p.meta for p in rows):
-            rows = [p for p in rows if p.meta.get("split") == config.hardset_split]
-    else:
-        rows = load_problems(spec)
-    if not rows:
-        raise ValueError(f"the hard set {spec!r} (split {config.hardset_split!r}) has no problems")
-    return rows
+    rows = load_hardset(spec, split=None) if spec == "bundled" else load_problems(spec)
+    return split_pool(rows)
 
 
-def hard_splits(config: EnvConfig, *, seed: int = 0) -> tuple[list[Problem], list[Problem]]:
-    """(hard train, hard test) of an env config's hard set.
+def load_hard_pool(config: EnvConfig) -> list[Problem]:
+    """The problems Q_R is drawn from: the ``hardset_split`` side of `hard_splits` (train; the paper).
 
-    A hard-set file with a ``split`` column gives its splits; a pool without one (the tiny
-    preset's generator) is split 50/50 at random with ``seed``, like the paper's hard sets.
+    Asking for the test split works but warns (`HardTestSplitWarning`): the teacher would then
+    be rewarded, and promote, on the very problems PQ, PS and ``soar train`` test on.
     """
-    pool = load_hard_pool(dataclasses.replace(config, hardset_split="train"))
-    if any("split" in p.meta for p in pool):
-        train = [p for p in pool if p.meta.get("split") == "train"]
-        test_pool = load_hard_pool(dataclasses.replace(config, hardset_split="test"))
-        test = [p for p in test_pool if p.meta.get("split") == "test"]
-        return train, test
-    order = list(range(len(pool)))
-    random.Random(seed).shuffle(order)
-    half = len(pool) // 2
-    return [pool[i] for i in sorted(order[:half])], [pool[i] for i in sorted(order[half:])]
+    train, test = hard_splits(config)
+    if config.hardset_split == "test":
+        warnings.warn(
+            f"Q_R is drawn from the hard TEST split of {config.hardset!r} (hardset_split='test'): the "
+            "teacher's reward and promotions then use the problems that PQ, PS and soar train's hard-test "
+            "accuracy are measured on, so those results are no longer held out. Use hardset_split='train' "
+            "(the paper) unless that is what you want.", HardTestSplitWarning, stacklevel=2)
+    rows = train if config.hardset_split == "train" else test
+    if not rows:
+        raise ValueError(f"the hard set {config.hardset!r} has no problems in its {config.hardset_split!r} split "
+                         f"({len(train)} train, {len(test)} test)")
+    return rows

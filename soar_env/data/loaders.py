@@ -17,7 +17,9 @@ loads, see `detect_format`):
   ``source``, ``meta``; what `Problem.to_dict` and `save_jsonl` write.
 - ``"math"``: MATH / MATH-500. ``question`` or ``problem``; the final answer is the last
   ``\\boxed{}`` of the worked solution (``answer`` in the MATH-500 jsonl, ``solution`` on
-  Hugging Face, where ``answer`` already is the final answer).
+  Hugging Face, where ``answer`` already is the final answer). The full 5,000-problem MATH
+  test split the paper filters (``hf:DigitalLearningGmbH/MATH-lighteval:default:test``: rows
+  of ``problem``, ``solution``, ``level``, ``type``) reads the same way.
 - ``"olympiadbench"``: ``final_answer`` is a list of LaTeX strings; ``$`` delimiters are
   removed and several answers are joined with ``", "``.
 - ``"gsm8k"``: ``answer`` is a worked solution ending in ``#### N``; N loses its thousands
@@ -395,7 +397,9 @@ SPEC_HELP = """\
 A problem source is one of:
   PATH.jsonl                  a local jsonl file (any format the loaders know)
   hf:NAME[:SPLIT]             a Hugging Face dataset split (default split: test),
-  hf:NAME:CONFIG:SPLIT        e.g. hf:HuggingFaceH4/MATH-500, hf:openai/gsm8k:main:test
+  hf:NAME:CONFIG:SPLIT        e.g. hf:HuggingFaceH4/MATH-500, hf:openai/gsm8k:main:test,
+                              hf:DigitalLearningGmbH/MATH-lighteval:default:test (all 5000
+                              MATH test problems)
   generator:FAMILIES[@D][#N][%SEED]
                               procedural problems: FAMILIES is a comma list or 'all';
                               @D difficulty 1-5 or a range like @2-4 (default 1);

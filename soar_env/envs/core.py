@@ -5,6 +5,7 @@
     problems, rejected = core.validate(action)       # the one validation of an action
     result = core.run_dataset(problems, np_random)   # r inner runs -> reward
     core.maybe_promote(result.reward, result.median_state, problems)
+    core.next_step(np_random)                        # Q_R (and sampling seed) of the next step
 
 It holds the student, the hard pool and Q_R, the cached baseline evaluation, the inner runs,
 the promotion rule and the promoted-questions buffer PQ. One core serves one single env, or
@@ -51,6 +52,12 @@ class SOARCore:
         """0 is the episode-start student; each promotion gets a new id (for the cache)."""
         self._next_state_id = 1
         self._baseline_cache: dict[int, dict[str, int]] = {}
+        """Greedy answers only: (state id -> problem id -> correct), deterministic so kept across steps."""
+        self.eval_seed: int | None = None
+        """Sampled evaluation (greedy_eval False): this step's seed, shared by the baseline's and every
+        trained student's evaluation of Q_R (common random numbers); None under greedy decoding."""
+        self._sampled_baseline: tuple[tuple[Any, ...], list[int]] | None = None
+        """Sampled evaluation: ((state id, seed, Q_R ids), correct) of the step's one baseline draw."""
         self._runner: StudentRunner | None = None
         self.promotion_errors: list[str] = []
         """Promotions the rule fired but that could not happen (the run's weights were lost)."""
@@ -104,18 +111,35 @@ class SOARCore:
         self.draw_eval_subset(rng)
 
     def draw_eval_subset(self, rng: np.random.Generator) -> None:
-        """Q_R: M problems of the hard pool, without replacement."""
+        """Q_R: M problems of the hard pool, without replacement (and a new sampling seed)."""
         pool = self.hard_pool
         size = min(self.config.eval_subset_size, len(pool))
         index = rng.choice(len(pool), size=size, replace=False)
         self.eval_subset = [pool[int(i)] for i in index]
+        self._draw_eval_seed(rng)
+
+    def next_step(self, rng: np.random.Generator) -> None:
+        """What the next step is measured with: a fresh Q_R (``resample_eval_subset``) and, for
+        sampled evaluation, a fresh seed, so no sampled answer is reused from one step to the next."""
+        if self.config.resample_eval_subset:
+            self.draw_eval_subset(rng)
+        else:
+            self._draw_eval_seed(rng)
+
+    def _draw_eval_seed(self, rng: np.random.Generator) -> None:
+        # Greedy decoding needs no seed; drawing none keeps greedy runs' random streams as they were.
+        self.eval_seed = None if self.config.greedy_eval else int(rng.integers(2**31 - 1))
 
     def baseline_correct(self) -> tuple[list[int], StepTimings]:
         """Baseline's correct answers per Q_R problem, evaluating only what the cache lacks.
 
         Greedy answers of one state never change, so each (state, problem) is evaluated once
         per state: the g datasets of a step, and later steps re-drawing a problem, reuse it.
+        A sampled answer is one draw: it is evaluated afresh each step, with the step's
+        ``eval_seed``, and shared only by the calls of that step.
         """
+        if not self.config.greedy_eval:
+            return self._sampled_baseline_correct()
         cache = self._baseline_cache.setdefault(self.state_id, {})
         missing = [p for p in self.eval_subset if p.id not in cache]
         start = time.perf_counter()
@@ -127,6 +151,30 @@ class SOARCore:
         timings = StepTimings(baseline_eval=time.perf_counter() - start,
                               baseline_cache_hits=len(self.eval_subset) - len(missing))
         return [cache[p.id] for p in self.eval_subset], timings
+
+    def _sampled_baseline_correct(self) -> tuple[list[int], StepTimings]:
+        key = (self.state_id, self.eval_seed, tuple(p.id for p in self.eval_subset))
+        start = time.perf_counter()
+        hit = self._sampled_baseline is not None and self._sampled_baseline[0] == key
+        if hit:
+            correct = list(self._sampled_baseline[1])  # type: ignore[index]
+        else:
+            result = self.student.evaluate(self.eval_subset, greedy=False, max_new_tokens=self.config.eval_tokens,
+                                           seed=self.eval_seed)
+            correct = [int(c) for c in result.correct]
+            self._sampled_baseline = (key, list(correct))
+        timings = StepTimings(baseline_eval=time.perf_counter() - start,
+                              baseline_cache_hits=len(self.eval_subset) if hit else 0)
+        return correct, timings
+
+    def invalid_reward(self) -> float:
+        """Reward of a dataset with no valid problem: ``invalid_penalty``, or when that is None the
+        floor of this step's reward (grounded: minus the baseline's Q_R accuracy; intrinsic: 0)."""
+        if self.config.invalid_penalty is not None:
+            return float(self.config.invalid_penalty)
+        if self.config.reward_mode != "grounded":
+            return 0.0
+        return 0.0 - self.baseline_accuracy()[0]  # 0.0 - x: no "-0.0" in logs
 
     def baseline_accuracy(self) -> tuple[float, StepTimings]:
         correct, timings = self.baseline_correct()
@@ -239,7 +287,8 @@ class SOARCore:
             return [RunSpec(index=first_index + j, problems=tuple(problems), steps=self.inner_steps,
                             batch_size=config.batch_size, group_size=config.group_size, seed=seed,
                             eval_problems=tuple(self.eval_subset), greedy=config.greedy_eval,
-                            eval_tokens=config.eval_tokens) for j, seed in enumerate(seeds)]
+                            eval_tokens=config.eval_tokens, eval_seed=self.eval_seed)
+                    for j, seed in enumerate(seeds)]
         # Intrinsic modes: the baseline samples the teacher's own problems, no training.
         return [RunSpec(index=first_index, problems=tuple(problems), steps=0, batch_size=config.batch_size,
                         group_size=config.group_size, seed=int(rng.integers(2**31 - 1)),
@@ -299,6 +348,7 @@ class SOARCore:
         self._initial_state = None
         self._baseline_tensors = None
         self._baseline_cache = {}
+        self._sampled_baseline = None
 
     # -- promotion ---------------------------------------------------------------------------------
 
@@ -352,6 +402,10 @@ class SOARCore:
             "tracker": self.tracker.state_dict(),
             "eval_subset": [p.to_dict() for p in self.eval_subset],
             "baseline_cache": {k: dict(v) for k, v in self._baseline_cache.items()},
+            "eval_seed": self.eval_seed,
+            "sampled_baseline": None if self._sampled_baseline is None else {
+                "key": [*self._sampled_baseline[0][:2], list(self._sampled_baseline[0][2])],
+                "correct": list(self._sampled_baseline[1])},
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -372,6 +426,14 @@ class SOARCore:
         self.eval_subset = [Problem.from_dict(row) for row in state["eval_subset"]]
         self._baseline_cache = {int(k): {str(i): int(c) for i, c in v.items()}
                                 for k, v in state["baseline_cache"].items()}
+        seed = state.get("eval_seed")  # absent in checkpoints written before sampled evaluation had seeds
+        self.eval_seed = None if seed is None else int(seed)
+        sampled = state.get("sampled_baseline")
+        self._sampled_baseline = None
+        if sampled is not None:
+            state_id, seed, ids = sampled["key"]
+            key = (int(state_id), None if seed is None else int(seed), tuple(str(i) for i in ids))
+            self._sampled_baseline = (key, [int(c) for c in sampled["correct"]])
 
 
 class CoreStateMixin:

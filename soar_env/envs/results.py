@@ -82,13 +82,14 @@ def invalid_reason(rejected: list[dict[str, Any]]) -> str:
 
 
 def dataset_info(result: DatasetResult | None, rejected: list[dict[str, Any]],
-                 invalid_penalty: float) -> tuple[float, dict[str, Any]]:
+                 invalid_reward: float) -> tuple[float, dict[str, Any]]:
     """(reward, info entries) of one dataset; ``result`` None: it held no valid problem.
 
-    Such a dataset trained nothing and gets ``invalid_penalty``, with the reason spelled out.
+    Such a dataset trained nothing and gets ``invalid_reward`` (`SOARCore.invalid_reward`), with
+    ``invalid_action`` True and the reason spelled out, so a teacher can leave it out of its update.
     """
     if result is None:
-        empty = DatasetResult(reward=float(invalid_penalty))
+        empty = DatasetResult(reward=float(invalid_reward))
         return empty.reward, {"invalid_action": True, "reason": invalid_reason(rejected), "tokens": 0,
                               **empty.info()}
     return float(result.reward), {"invalid_action": False, "reason": None, "tokens": int(result.tokens),

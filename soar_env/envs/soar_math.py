@@ -59,7 +59,7 @@ class SOARMathEnv(CoreStateMixin, CheckpointMixin, gym.Env[np.ndarray, tuple[Pro
 
     | index | observation | min | max |
     |---|---|---|---|
-    | 0 | baseline greedy accuracy on the current Q_R | 0 | 1 |
+    | 0 | baseline accuracy on the current Q_R (greedy, or see Rewards) | 0 | 1 |
     | 1 | promotions so far this episode | 0 | episode_length |
     | 2 | fraction of the episode elapsed | 0 | 1 |
     | 3 | moving average of step rewards (the promotion window) | -1 | 1 |
@@ -73,8 +73,12 @@ class SOARMathEnv(CoreStateMixin, CheckpointMixin, gym.Env[np.ndarray, tuple[Pro
     Acc(baseline, Q_R), in [-1, 1]; the paper saw -0.04 to +0.02. ``"learnability"``: from
     ``intrinsic_samples`` sampled answers of the baseline per question, success rate s,
     reward mean of (0 if s = 0 else 1 - s). ``"variance"``: mean of s(1 - s). An action with no
-    valid problem gets ``invalid_penalty`` (default -1) and trains nothing. The intrinsic modes
-    and invalid actions do not move the promotion window.
+    valid problem trains nothing and gets ``invalid_penalty``; by default (None) the least a valid
+    batch could score, minus the baseline's Q_R accuracy (0 in the intrinsic modes), which keeps
+    it on the scale of real rewards. The intrinsic modes and invalid actions do not move the
+    promotion window. With ``greedy_eval=False`` Q_R accuracies are one sampled answer per
+    problem: the baseline is sampled afresh every step, with the same seed as that step's
+    trained students (common random numbers).
 
     ## Starting State
 
@@ -181,7 +185,8 @@ class SOARMathEnv(CoreStateMixin, CheckpointMixin, gym.Env[np.ndarray, tuple[Pro
             "eval_problems": tuple(self.core.eval_subset),
         }
         result = self.core.run_dataset(problems, self.np_random) if problems else None
-        reward, outcome = dataset_info(result, rejected, self.config.invalid_penalty)
+        invalid_reward = self.core.invalid_reward() if result is None else 0.0
+        reward, outcome = dataset_info(result, rejected, invalid_reward)
         info.update(outcome)
         promoted = False
         if result is not None:
@@ -192,8 +197,7 @@ class SOARMathEnv(CoreStateMixin, CheckpointMixin, gym.Env[np.ndarray, tuple[Pro
                     reward_average=self.core.tracker.moving_average, promoted_count=len(self.core.promoted_questions),
                     backend_events=self.core.backend_events())
         # Q_R of the next step, and the baseline accuracy the next observation reports.
-        if self.config.resample_eval_subset:
-            self.core.draw_eval_subset(self.np_random)
+        self.core.next_step(self.np_random)
         self._baseline_accuracy, timings = self.core.baseline_accuracy()
         info["next_baseline_accuracy"] = self._baseline_accuracy
         info["timings"] = dataclasses.replace(timings, total=time.perf_counter() - start, train=train_s, eval=eval_s)

@@ -47,7 +47,8 @@ class SOARMathVectorEnv(CoreStateMixin, CheckpointMixin, VectorEnv):
     ## Action Space
 
     ``Tuple`` of g `ProblemBatch` spaces: one problem batch per dataset. A malformed batch
-    only costs its own dataset the ``invalid_penalty``.
+    only costs its own dataset: it gets ``invalid_penalty`` (see `SOARMathEnv`) and
+    ``info["invalid_action"]`` True.
 
     ## Observation Space
 
@@ -188,11 +189,12 @@ class SOARMathVectorEnv(CoreStateMixin, CheckpointMixin, VectorEnv):
         best_state = dataset_results[best].median_state if best >= 0 else None
         best_problems = checked[best_k][0] if best >= 0 else None
         del dataset_results  # only the best dataset's median student can be promoted
+        invalid_reward = self.core.invalid_reward() if len(valid_k) < self.num_envs else 0.0
         for k, (problems, rejected) in enumerate(checked):
             info: dict[str, Any] = {"num_valid": len(problems), "num_rejected": len(rejected),
                                     "rejected": rejected, "problems": tuple(problems)}
             result = results.get(k)
-            rewards[k], outcome = dataset_info(result, rejected, self.config.invalid_penalty)
+            rewards[k], outcome = dataset_info(result, rejected, invalid_reward)
             if result is not None:
                 train_s += result.train_seconds
                 eval_s += result.eval_seconds
@@ -206,8 +208,7 @@ class SOARMathVectorEnv(CoreStateMixin, CheckpointMixin, VectorEnv):
         if valid_k and self.core.maybe_promote(float(np.mean(rewards[valid_k])), best_state, best_problems):
             promoted_k = best_k
         self._last_rewards = rewards.copy()
-        if self.config.resample_eval_subset:
-            self.core.draw_eval_subset(self.np_random)
+        self.core.next_step(self.np_random)
         self._baseline_accuracy, timings = self.core.baseline_accuracy()
         truncated = self._steps >= self.horizon
         self._needs_reset = truncated

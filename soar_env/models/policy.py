@@ -30,6 +30,7 @@ from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -78,7 +79,7 @@ class LMPolicy(SamplerBase):
     (so no checkpoint's top-k/top-p silently biases the RL samples) and, with ``lora``, wraps
     it in peft adapters whose initialisation depends only on ``lora.init_seed``.
     ``lora=None`` trains every weight; the KL reference is then a frozen copy, made when it is
-    first used.
+    first used, unless :meth:`set_reference` names one (the student's baseline, say).
     """
 
     def __init__(
@@ -124,6 +125,8 @@ class LMPolicy(SamplerBase):
         decoder_arguments = inspect.signature(getattr(model, model.base_model_prefix).forward).parameters
         self._cache_kwarg = "cache" if "cache" in decoder_arguments else "past_key_values"
         self._reference_model: PreTrainedModel | None = None
+        self._reference_state: dict[str, Tensor] | None = None
+        """Device tensors that stand in for the trainable ones in reference passes (set_reference)."""
         self.sampler: Sampler | None = None
         """Where :meth:`sample` runs: None is this transformers model; e.g. a ``VLLMSampler``."""
 
@@ -257,9 +260,10 @@ class LMPolicy(SamplerBase):
         Returns ``(logprobs, mask)``, both (B, T) with T the longest completion, right-padded:
         padding has mask False and log-prob 0. The log-probs carry gradients into the trainable
         parameters (unless the caller disabled grad). ``reference=True`` scores with the KL
-        reference under ``no_grad``: the same model with its adapters switched off (LoRA), or
-        a frozen copy of the weights taken at the first reference call (full fine-tuning; see
-        :meth:`reset_reference`). ``micro_batch_size`` bounds the rows run together.
+        reference under ``no_grad``: the tensors given to :meth:`set_reference` in place of the
+        trainable ones when there are some; otherwise the same model with its adapters switched
+        off (LoRA), or a frozen copy of the weights taken at the first reference call (full
+        fine-tuning; see :meth:`reset_reference`). ``micro_batch_size`` bounds the rows run together.
         """
         if len(prompt_ids) != len(completion_ids):
             raise ValueError(f"{len(prompt_ids)} prompts for {len(completion_ids)} completions")
@@ -271,7 +275,12 @@ class LMPolicy(SamplerBase):
         if rows == 0 or width == 0:
             return torch.zeros(rows, width, device=self.device), mask
         step = micro_batch_size or rows
-        if reference and self.lora is not None:
+        overrides: dict[int, Tensor] | None = None
+        if reference and self._reference_state is not None:
+            context, base = nullcontext(), self._base_model()
+            overrides = {id(p): self._reference_state[n] for n, p in self.model.named_parameters()
+                         if n in self._reference_state}
+        elif reference and self.lora is not None:
             context, base = self.model.disable_adapter(), self._base_model()
         elif reference:
             context, base = nullcontext(), self._frozen_reference()
@@ -281,7 +290,8 @@ class LMPolicy(SamplerBase):
         with context, (torch.no_grad() if reference else nullcontext()):
             for start in range(0, rows, step):
                 chunk = self._logprobs(
-                    base, prompt_ids[start : start + step], completion_ids[start : start + step], temperature
+                    base, prompt_ids[start : start + step], completion_ids[start : start + step], temperature,
+                    overrides,
                 )
                 chunks.append(nn.functional.pad(chunk, (0, width - chunk.shape[1])))
         return torch.cat(chunks, 0), mask
@@ -292,15 +302,21 @@ class LMPolicy(SamplerBase):
         prompt_ids: Sequence[Sequence[int]],
         completion_ids: Sequence[Sequence[int]],
         temperature: float,
+        overrides: dict[int, Tensor] | None = None,
     ) -> Tensor:
-        """(B, T) log-probs for one micro-batch (see :meth:`token_logprobs`)."""
+        """(B, T) log-probs for one micro-batch (see :meth:`token_logprobs`).
+
+        ``overrides`` maps ``id(parameter)`` to the tensor used in its place (the KL reference).
+        """
         decoder = getattr(base, base.base_model_prefix)
         # 1. One forward per distinct prompt; its rows attend to it through a shared KV cache.
         groups: dict[tuple[int, ...], int] = {}
         row_group = [groups.setdefault(tuple(p), len(groups)) for p in prompt_ids]
         prompt_tensor, prompt_mask = left_pad([list(p) for p in groups], self.tokenizer.pad_token_id, self.device)
         cache = self._new_cache()
-        prompt_hidden = decoder(
+        prompt_hidden = _call_with(
+            decoder,
+            overrides,
             input_ids=prompt_tensor,
             attention_mask=prompt_mask,
             position_ids=positions(prompt_mask),
@@ -318,7 +334,9 @@ class LMPolicy(SamplerBase):
             tokens[i, : len(completion)] = torch.tensor(list(completion), device=self.device)
             token_mask[i, : len(completion)] = True
         prompt_lengths = prompt_mask.sum(1)[index]  # (B,)
-        hidden = decoder(
+        hidden = _call_with(
+            decoder,
+            overrides,
             input_ids=tokens,
             attention_mask=torch.cat([prompt_mask[index], token_mask.long()], 1),  # (B, P+T)
             position_ids=prompt_lengths[:, None] + torch.arange(width, device=self.device),  # (B, T)
@@ -328,7 +346,7 @@ class LMPolicy(SamplerBase):
         # Token t is predicted by the state before it: the prompt's last for t = 0.
         predictors = torch.cat([prompt_hidden[index, None], hidden[:, :-1]], 1)  # (B, T, H)
         # 3. The output head only on real completion tokens: N rows instead of B*T.
-        logits = base.get_output_embeddings()(predictors[token_mask]).float()  # (N, V)
+        logits = _call_with(base.get_output_embeddings(), overrides, predictors[token_mask]).float()  # (N, V)
         cap = getattr(base.config, "final_logit_softcapping", None)
         if cap:
             logits = torch.tanh(logits / cap) * cap
@@ -337,8 +355,37 @@ class LMPolicy(SamplerBase):
         picked = logits.gather(1, targets[:, None]).squeeze(1) - torch.logsumexp(logits, 1)  # (N,)
         return torch.zeros(token_mask.shape, dtype=picked.dtype, device=self.device).masked_scatter(token_mask, picked)
 
+    def set_reference(self, state: dict[str, Tensor] | None) -> None:
+        """Score reference passes with ``state`` (a :meth:`state_dict_trainable`) in place of the
+        trainable tensors, over the same frozen weights; None goes back to the default reference.
+
+        Still one model: the tensors are copied once to the device and swapped in only for the
+        reference pass (``torch.func.functional_call``), never written into the parameters, so
+        a graph built before a reference pass stays valid. The cost is one copy of the trainable
+        tensors: a few MB of adapters with LoRA, the weights with full fine-tuning (which then
+        replaces the default frozen copy).
+        """
+        if state is None:
+            self._reference_state = None
+            return
+        parameters = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        if set(parameters) != set(state):
+            missing, extra = sorted(set(parameters) - set(state)), sorted(set(state) - set(parameters))
+            raise KeyError(f"reference state does not match this policy: missing {missing[:3]}, "
+                           f"unexpected {extra[:3]}")
+        previous = self._reference_state or {}
+        stored: dict[str, Tensor] = {}
+        with torch.no_grad():
+            for name, parameter in parameters.items():
+                tensor = previous.get(name)
+                if tensor is None or tensor.shape != parameter.shape or tensor.dtype != parameter.dtype:
+                    tensor = torch.empty_like(parameter, requires_grad=False)
+                stored[name] = tensor.copy_(state[name])  # reuses last reference's memory when it fits
+        self._reference_state = stored
+        self._reference_model = None
+
     def reset_reference(self) -> None:
-        """Full fine-tuning only: the next reference call snapshots the weights as they are then."""
+        """Default reference, full fine-tuning: the next reference call snapshots the weights as they are."""
         self._reference_model = None
 
     def _frozen_reference(self) -> PreTrainedModel:
@@ -430,6 +477,15 @@ class LMPolicy(SamplerBase):
             return DynamicCache(config=self._base_model().config)
         except TypeError:  # transformers < 4.56 takes no config
             return DynamicCache()
+
+
+def _call_with(module: nn.Module, overrides: dict[int, Tensor] | None, *args: Any, **kwargs: Any) -> Any:
+    """``module(*args, **kwargs)`` with the parameters named in ``overrides`` (by id) replaced."""
+    overrides = overrides or {}
+    swapped = {name: overrides[id(p)] for name, p in module.named_parameters() if id(p) in overrides}
+    if not swapped:
+        return module(*args, **kwargs)
+    return torch.func.functional_call(module, swapped, args, kwargs)
 
 
 def _lora_from_json(data: dict[str, object] | None) -> LoraSettings | None:

@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import torch
 
+from soar_env.config import LOSS_NORMALIZATIONS
+
 if TYPE_CHECKING:  # soar_env.models imports transformers and peft; only its types are needed here
     from soar_env.models.policy import LMPolicy
     from soar_env.models.rollout import Rollout
@@ -46,15 +48,16 @@ class RLOOConfig:
     """Peak AdamW learning rate, reached after the warm-up and decayed by a cosine (paper: 1e-5 for
     teacher and student; swept over 1e-6, 5e-6, 1e-5, 5e-5)."""
     kl_coef: float = 0.001
-    """Weight of the per-token KL penalty (k3 estimator) towards the reference model: the base
-    weights with LoRA, a frozen copy with full fine-tuning (paper: 0.001). 0 skips the reference pass."""
+    """Weight of the per-token KL penalty (k3 estimator) towards the policy's KL reference (paper:
+    0.001). The student's reference is its kl_reference setting; a bare LMPolicy's is its base
+    weights (LoRA adapters off, or a frozen copy with full fine-tuning). 0 skips the reference pass."""
     warmup_steps: int = 0
     """Updates over which the lr rises linearly to its peak (paper: 20 for the teacher, 0 in the
     student's inner loop)."""
     weight_decay: float = 0.0
     """AdamW decoupled weight decay (not stated in the paper)."""
     max_grad_norm: float | None = 1.0
-    """Clip the global gradient norm to this value; None disables clipping, the norm is still
+    """Clip the global gradient norm to this value; None or 0 disables clipping, the norm is still
     logged (not stated in the paper)."""
     betas: tuple[float, float] = (0.9, 0.999)
     """AdamW moment coefficients (beta1, beta2), as in PyTorch (not stated in the paper)."""
@@ -66,10 +69,25 @@ class RLOOConfig:
     skip_zero_advantage: bool = True
     """Skip forward, backward and optimizer step when every advantage is exactly zero (every group
     all right or all wrong: no signal), so a batch the learner cannot solve leaves the weights
-    exactly unchanged (AdamW's weight decay would otherwise still move them)."""
+    exactly unchanged (AdamW's weight decay, Adam's moments and the KL term would otherwise still
+    move them); the skipped step still uses up its slot of the lr schedule (not stated in the paper)."""
+    loss_normalization: str = "tokens"
+    """How the summed per-token loss is averaged: "tokens" divides by the batch's valid-token count
+    (every token weighs the same, so long and short completions are pushed alike), "sequences" takes
+    each completion's token mean, then the mean over completions (the original GRPO form; a short
+    completion's tokens weigh more). Not stated in the paper."""
     micro_batch_size: int | None = None
     """Completions per forward/backward pass, gradients accumulated over the batch (the result
     equals one full-batch pass); None: the whole batch at once. Bounds memory only."""
+
+    def __post_init__(self) -> None:
+        if self.loss_normalization not in LOSS_NORMALIZATIONS:
+            raise ValueError(f"loss_normalization must be one of {LOSS_NORMALIZATIONS}, "
+                             f"got {self.loss_normalization!r}")
+        if self.max_grad_norm is not None and not self.max_grad_norm >= 0:
+            raise ValueError(f"max_grad_norm must be None or >= 0, got {self.max_grad_norm!r}")
+        if not self.weight_decay >= 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
 
 
 def rloo_advantages(rewards: torch.Tensor) -> torch.Tensor:
@@ -99,6 +117,7 @@ def rloo_loss(
     kl_coef: float,
     *,
     normalizer: float | None = None,
+    normalization: str = "tokens",
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Token-level RLOO policy-gradient loss plus a KL penalty, averaged over valid tokens.
 
@@ -108,12 +127,13 @@ def rloo_loss(
         loss_bt = -A_b * log pi(y_bt)  +  kl_coef * k3_bt
         k3_bt   = exp(ref_bt - lp_bt) - (ref_bt - lp_bt) - 1
 
-    Normalisation: the sum over all valid tokens of the batch divided by their count
-    (``normalizer``; the micro-batching updater passes the whole batch's count so the pieces
-    add up). Dividing every sequence by the same number keeps the REINFORCE gradient
+    Normalisation ``"tokens"`` (default): the sum over all valid tokens of the batch divided by
+    their count (``normalizer``; the micro-batching updater passes the whole batch's count so the
+    pieces add up). Dividing every sequence by the same number keeps the REINFORCE gradient
     ``sum_b A_b sum_t grad log pi(y_bt)`` unbiased up to one positive scale; dividing each
-    sequence by its own length instead would weigh the tokens of short completions more and
-    push the student towards short wrong answers less than long ones.
+    sequence by its own length instead (``"sequences"``: each completion's token mean, summed
+    and divided by ``normalizer`` = the batch's completion count) weighs the tokens of short
+    completions more and pushes the student towards short wrong answers less than long ones.
 
     KL: k3 (Schulman, "Approximating KL divergence", 2020) is non-negative for every token, so
     the logged value never goes below zero, and it is 0 with zero gradient where the policy
@@ -124,19 +144,28 @@ def rloo_loss(
     Returns the scalar loss and float stats: loss, pg_loss, kl (token mean), advantage_mean,
     advantage_abs_mean, tokens.
     """
+    if normalization not in LOSS_NORMALIZATIONS:
+        raise ValueError(f"normalization must be one of {LOSS_NORMALIZATIONS}, got {normalization!r}")
     valid = mask.bool()  # (B, T)
     tokens = int(valid.sum().item())
-    denom = float(normalizer) if normalizer is not None else float(max(tokens, 1))
-    # torch.where (not a product with the mask): padded positions may hold -inf or garbage.
-    zero = logprobs.new_zeros(())
-    pg_per_token = -advantages.to(logprobs.dtype)[:, None] * logprobs  # (B, T)
-    pg_loss = torch.where(valid, pg_per_token, zero).sum() / denom
+    if normalization == "tokens":
+        denom = float(normalizer) if normalizer is not None else float(max(tokens, 1))
+        lengths = None
+    else:
+        denom = float(normalizer) if normalizer is not None else float(max(logprobs.shape[0], 1))
+        lengths = valid.sum(1).clamp(min=1).to(logprobs.dtype)  # (B,)
+
+    def average(per_token: torch.Tensor) -> torch.Tensor:
+        # torch.where (not a product with the mask): padded positions may hold -inf or garbage.
+        kept = torch.where(valid, per_token, logprobs.new_zeros(()))  # (B, T)
+        return (kept.sum() if lengths is None else (kept.sum(1) / lengths).sum()) / denom
+
+    pg_loss = average(-advantages.to(logprobs.dtype)[:, None] * logprobs)
     if ref_logprobs is not None and kl_coef != 0.0:
         log_ratio = ref_logprobs.detach() - logprobs  # (B, T)
         k3 = torch.exp(log_ratio) - log_ratio - 1.0  # (B, T), >= 0
-        kl_sum = torch.where(valid, k3, zero).sum()
-        loss = pg_loss + kl_coef * kl_sum / denom
-        kl_mean = kl_sum.item() / max(tokens, 1)
+        loss = pg_loss + kl_coef * average(k3)
+        kl_mean = torch.where(valid, k3, logprobs.new_zeros(())).sum().item() / max(tokens, 1)
     else:
         loss = pg_loss
         kl_mean = 0.0
@@ -199,9 +228,13 @@ class RLOOUpdater:
         return float(self.optimizer.param_groups[0]["lr"])
 
     def update(
-        self, policy: LMPolicy, rollout: Rollout, rewards: Sequence[float], group_size: int
+        self, policy: LMPolicy, rollout: Rollout, rewards: Sequence[float], group_size: int,
+        *, temperature: float = 1.0,
     ) -> dict[str, float]:
         """One RLOO step on a prompt-major rollout (P prompts x ``group_size`` completions).
+
+        ``temperature``: the one the rollout was sampled at; tokens are scored under that
+        distribution, log softmax(logits / T), so the gradient is on-policy at any temperature.
 
         Raises ``NonFiniteLossError`` if the loss or the gradient norm is NaN/Inf: the step is
         abandoned before ``optimizer.step``, so parameters and optimizer state are untouched.
@@ -243,20 +276,21 @@ class RLOOUpdater:
         # token count, so the accumulated gradient equals the full-batch gradient.
         self.optimizer.zero_grad(set_to_none=True)
         micro = config.micro_batch_size or n
+        normalizer = float(total_tokens) if config.loss_normalization == "tokens" else float(n)
+        scoring = {} if temperature == 1.0 else {"temperature": float(temperature)}
         loss_sum, pg_sum, kl_token_sum, adv_sum = 0.0, 0.0, 0.0, 0.0
         for start in range(0, n, micro):
             idx = list(range(start, min(start + micro, n)))
             prompt_ids = [rollout.prompt_ids[i] for i in idx]
             completion_ids = [rollout.completion_ids[i] for i in idx]
-            logprobs, mask = policy.token_logprobs(prompt_ids, completion_ids)  # (b, T), (b, T)
+            logprobs, mask = policy.token_logprobs(prompt_ids, completion_ids, **scoring)  # (b, T), (b, T)
             ref_logprobs = None
             if config.kl_coef > 0:
                 with torch.no_grad():
-                    ref_logprobs, _ = policy.token_logprobs(prompt_ids, completion_ids, reference=True)
+                    ref_logprobs, _ = policy.token_logprobs(prompt_ids, completion_ids, reference=True, **scoring)
             adv = advantages[idx].to(logprobs.device)  # (b,)
-            loss, piece = rloo_loss(
-                logprobs, ref_logprobs, mask, adv, config.kl_coef, normalizer=float(total_tokens)
-            )
+            loss, piece = rloo_loss(logprobs, ref_logprobs, mask, adv, config.kl_coef,
+                                    normalizer=normalizer, normalization=config.loss_normalization)
             loss_sum += piece["loss"]
             pg_sum += piece["pg_loss"]
             kl_token_sum += piece["kl"] * piece["tokens"]
@@ -273,7 +307,7 @@ class RLOOUpdater:
 
         # 3. Clip, check, step. The check comes before optimizer.step so a bad batch leaves
         # parameters and Adam moments exactly as they were.
-        max_norm = config.max_grad_norm if config.max_grad_norm is not None else float("inf")
+        max_norm = config.max_grad_norm if config.max_grad_norm else float("inf")  # None or 0: no clipping
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm).item())
         stats["grad_norm"] = grad_norm
         if not math.isfinite(grad_norm):

@@ -1,0 +1,135 @@
+"""The training run of a fresh PQ / Hard-Only student: one optimizer and one schedule, in chunks.
+
+    run = OneRun(student, total_steps=1500, batch_size=8, group_size=32, seed=0)
+    run.start_phase(promoted)                 # curriculum: the synthetic problems first ...
+    chunk = run.train(50)                     # ... 50 RLOO steps,
+    student.promote(chunk.state)              # the student's baseline is now the run's weights: measure
+    run.start_phase(hard_train)
+    chunk = run.train(50)                     # the optimizer and the cosine go on where they were
+
+The paper trains each fresh student in one run of at most 1500 steps with a slope-based early
+stop. The curve is measured between chunks, and measuring must not restart AdamW or the cosine:
+`Student.train` makes a fresh optimizer whose cosine spans each call (right for the 10-step
+inner runs), so this drives `RLOOUpdater` directly, with the student's policy and settings. It
+trains the policy in place: after a chunk the policy holds the run's weights, and
+``student.promote(chunk.state)`` makes them the student's baseline too (promoting copies values
+into the same parameters, so the optimizer's state stays attached to them).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+from soar_env.problems import Problem, Rejection, to_problem
+from soar_env.prompts import student_prompt
+
+
+@dataclass
+class ChunkResult:
+    """What one chunk of the run did (the fields of `soar_env.student.TrainResult` that run_pq reads)."""
+
+    steps_done: int = 0
+    """RLOO steps of this chunk (skipped zero-advantage updates included)."""
+    tokens: int = 0
+    seconds: float = 0.0
+    error: str | None = None
+    """None on success; why the run stopped otherwise (non-finite loss, no valid problem)."""
+    state: Any = None
+    """The run's weights after the chunk (trainable tensors); None when it failed."""
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+def _cycle(n: int, rng: random.Random) -> Iterator[int]:
+    """Indices 0..n-1 in a fresh shuffled order on every pass (as `Student.train` draws batches)."""
+    while True:
+        order = list(range(n))
+        rng.shuffle(order)
+        yield from order
+
+
+class OneRun:
+    """One RLOO run of ``total_steps`` updates on a `soar_env.student.Student`, trained in chunks.
+
+    Needs a student with ``policy`` and ``config`` (`StudentConfig`); a scripted student has no
+    optimizer to continue, so it gets a ``TypeError`` that names the per-chunk protocol instead.
+    """
+
+    def __init__(self, student: Any, total_steps: int, *, batch_size: int, group_size: int, seed: int) -> None:
+        policy, config = getattr(student, "policy", None), getattr(student, "config", None)
+        if policy is None or not hasattr(config, "rloo_config"):
+            raise TypeError(f"{type(student).__name__} has no policy and StudentConfig to train in one run; "
+                            "use EvalConfig(schedule='per-chunk') for such a student")
+        import torch  # lazy: the benchmarks' settings import without torch
+
+        from soar_env.rl import RLOOUpdater
+
+        self.torch = torch
+        self.config = config
+        self.batch_size = batch_size
+        self.group_size = group_size
+        self.rng = random.Random(seed)
+        student.reset()  # start from the student's baseline weights
+        if config.kl_coef > 0 and hasattr(policy, "set_reference") and hasattr(student, "reference_state"):
+            policy.set_reference(student.reference_state())  # KL towards the weights the run starts from
+        self.policy = policy
+        self.updater = RLOOUpdater(policy.trainable_parameters(), config.rloo_config(), total_steps=max(total_steps, 1))
+        self.problems: list[Problem] = []
+        self.skipped: list[tuple[int, Rejection]] = []
+        self._order: Iterator[int] | None = None
+
+    def start_phase(self, problems: Sequence[Any]) -> int:
+        """Train on ``problems`` from now on (checked like `Student.train` checks them); how many are usable."""
+        self.problems, self.skipped = [], []
+        for index, entry in enumerate(problems):
+            checked = to_problem(entry)
+            if isinstance(checked, Rejection):
+                self.skipped.append((index, checked))
+            else:
+                self.problems.append(checked)
+        self._order = _cycle(len(self.problems), self.rng) if self.problems else None
+        return len(self.problems)
+
+    def train(self, steps: int) -> ChunkResult:
+        """``steps`` more RLOO steps of the run; the optimizer and the schedule carry on from the last chunk."""
+        from soar_env.rl import NonFiniteLossError
+        from soar_env.verify import grade_many
+
+        torch, config = self.torch, self.config
+        result = ChunkResult()
+        start = time.perf_counter()
+        if self._order is None:
+            result.error = f"no_valid_problems: all {len(self.skipped)} entries were skipped"
+            return result
+        device = getattr(self.policy, "device", torch.device("cpu"))
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(self.rng.randrange(2**31))  # adapter dropout, if any
+            for _ in range(steps):
+                batch = [self.problems[next(self._order)] for _ in range(self.batch_size)]
+                rollout = self.policy.sample([self.policy.chat_prompt(student_prompt(p.question)) for p in batch],
+                                             num_samples=self.group_size, temperature=config.temperature,
+                                             max_new_tokens=config.max_new_tokens, seed=self.rng.randrange(2**31),
+                                             batch_size=config.sample_batch_size)  # prompt-major: batch x group rows
+                grades = grade_many(rollout.texts, [batch[i].answer for i in rollout.prompt_index],
+                                    require_box=config.require_box, timeout=config.grade_timeout,
+                                    processes=config.grade_processes)
+                result.tokens += sum(len(c) for c in rollout.completion_ids)
+                try:
+                    self.updater.update(self.policy, rollout, [1.0 if g.correct else 0.0 for g in grades],
+                                        self.group_size, temperature=config.temperature)
+                except NonFiniteLossError as error:
+                    result.error = f"non_finite_loss at step {self.updater.steps_done}: {error}"
+                    break
+                result.steps_done += 1
+        if result.error is None:
+            result.state = self.policy.state_dict_trainable()
+        result.seconds = time.perf_counter() - start
+        return result
+
+
+__all__ = ["ChunkResult", "OneRun"]
