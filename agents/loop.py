@@ -19,7 +19,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from agents.callbacks import StepRecord, convert_callback
-from agents.driver import EnvDriver
+from agents.driver import EnvDriver, env_core
 from agents.logger import Logger
 from agents.run_dir import (
     ENV_FILE,
@@ -86,6 +86,122 @@ def step_metrics(rewards: np.ndarray, infos: Sequence[Mapping[str, Any]], shared
     return metrics
 
 
+def _clock(seconds: float) -> str:
+    seconds = max(int(round(seconds)), 0)
+    minutes, seconds = divmod(seconds, 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{seconds:02d}" if hours else f"{minutes:02d}:{seconds:02d}"
+
+
+class StepProgress:
+    """Progress inside one env step, from the core's `ProgressEvent`s: counts and ETAs as text.
+
+    Units are inner RLOO steps (``runs x inner_steps`` a step; one per run when runs only
+    evaluate). The ETAs use the mean inner-step and evaluation times seen so far in this
+    process, so the first step's estimates firm up after its first run and later steps start
+    with a good one.
+    """
+
+    def __init__(self) -> None:
+        self.runs = self.inner_steps = self.runs_done = self.inner_step = 0
+        self.run = -1
+        self.phase = "idle"
+        self._inner_seconds: list[float] = []
+        self._eval_seconds: list[float] = []
+        self._last = 0.0
+
+    @property
+    def total(self) -> int:
+        return self.runs * max(self.inner_steps, 1)
+
+    @property
+    def done(self) -> int:
+        """Units finished: whole runs, plus the inner steps of the run under way."""
+        return self.runs_done * max(self.inner_steps, 1) + (self.inner_step if self.phase == "train" else 0)
+
+    def update(self, event: Any) -> None:
+        kind = event.kind
+        if kind == "step_start":
+            self.runs, self.inner_steps, self.runs_done, self.inner_step = event.runs, event.inner_steps, 0, 0
+            self.phase = "baseline eval"
+        elif kind == "run_start":
+            self.run, self.inner_step, self.phase = event.run, 0, "train"
+        elif kind == "inner_step":
+            self._inner_seconds.append(event.time - self._last)
+            self.inner_step = event.inner_step
+        elif kind == "run_eval":
+            self.phase = "Q_R eval"
+        elif kind == "run_end":
+            if self.phase == "Q_R eval":
+                self._eval_seconds.append(event.time - self._last)
+            self.runs_done, self.inner_step, self.phase = event.runs_done, 0, "between runs"
+        elif kind == "step_end":
+            self.runs_done, self.phase = event.runs, "done"
+        self._last = event.time
+
+    def _mean(self, values: list[float]) -> float | None:
+        recent = values[-20:]
+        return sum(recent) / len(recent) if recent else None
+
+    def run_eta(self) -> float | None:
+        """Seconds until the run under way ends (None before there is a timing to go on)."""
+        inner, evaluation = self._mean(self._inner_seconds), self._mean(self._eval_seconds)
+        if self.phase == "train" and inner is not None:
+            return (self.inner_steps - self.inner_step) * inner + (evaluation or 0.0)
+        if self.phase == "Q_R eval" and evaluation is not None:
+            return evaluation
+        return None
+
+    def step_eta(self) -> float | None:
+        """Seconds until the step's runs are all done."""
+        inner, evaluation = self._mean(self._inner_seconds), self._mean(self._eval_seconds)
+        if self.inner_steps and inner is None:
+            return None
+        per_run = (inner or 0.0) * self.inner_steps + (evaluation or 0.0)
+        current = self.run_eta() if self.phase in ("train", "Q_R eval") else None
+        started = 1 if current is not None else 0
+        return (current or 0.0) + (self.runs - self.runs_done - started) * per_run
+
+    def describe(self) -> str:
+        """E.g. ``runs 3/4, inner step 2/4, run ETA 01:10, step ETA 05:40``."""
+        current = min(self.runs_done + (1 if self.phase in ("train", "Q_R eval") else 0), self.runs)
+        parts = [f"runs {current}/{self.runs}"]
+        if self.phase == "train" and self.inner_steps:
+            parts.append(f"inner step {self.inner_step}/{self.inner_steps}")
+        elif self.phase in ("baseline eval", "Q_R eval"):
+            parts.append(self.phase)
+        run_eta, step_eta = self.run_eta(), self.step_eta()
+        if run_eta is not None:
+            parts.append(f"run ETA {_clock(run_eta)}")
+        if step_eta is not None and self.phase != "done":
+            parts.append(f"step ETA {_clock(step_eta)}")
+        return ", ".join(parts)
+
+
+class StepProgressBar:
+    """A second tqdm bar under the teacher's that moves per inner RLOO step: give it to
+    ``core.set_progress``. Cleared at the end of every step (``leave=False``)."""
+
+    def __init__(self, position: int = 1, **tqdm_kwargs: Any) -> None:
+        self.state = StepProgress()
+        self.bar = tqdm(total=0, position=position, leave=False, unit="inner step", dynamic_ncols=True,
+                        desc="  student", bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt}{postfix}",
+                        **tqdm_kwargs)
+
+    def __call__(self, event: Any) -> None:
+        self.state.update(event)
+        if event.kind == "step_start":
+            self.bar.reset(total=self.state.total)
+        self.bar.n = self.state.done
+        self.bar.set_postfix_str(self.state.describe(), refresh=False)
+        self.bar.refresh()
+        if event.kind == "step_end":
+            self.bar.clear()
+
+    def close(self) -> None:
+        self.bar.close()
+
+
 def run_learning(
     teacher: Any,
     env: Any,
@@ -109,6 +225,9 @@ def run_learning(
     steps count towards ``total_steps``. ``callback``: a `BaseCallback`, a list of them,
     or a function of one `StepRecord` that returns False to stop. Works with any
     `TeacherProtocol` object; the optional hooks of `Teacher` are called when present.
+    ``progress_bar`` shows the teacher's bar and, under it, a `StepProgressBar` that moves per
+    student run and inner RLOO step of the env step under way (unless the env's core already
+    reports to a ``progress`` function of the caller's).
     """
     if total_steps < 1:
         raise ValueError(f"total_steps must be >= 1, got {total_steps}")
@@ -122,6 +241,13 @@ def run_learning(
         warnings.warn(f"{type(driver.target).__name__} has no save/load: checkpoints hold the teacher only",
                       stacklevel=2)
     bar = tqdm(total=total_steps, disable=not progress_bar, unit="step", dynamic_ncols=True, desc="teacher")
+    # Inside a step (minutes of student runs) a second bar moves per run and inner RLOO step.
+    core = env_core(env) if progress_bar else None
+    inner_bar = None
+    if core is not None and core.progress is None:
+        inner_bar = StepProgressBar(position=abs(getattr(bar, "pos", 0)) + 1)
+    if inner_bar is not None:
+        core.set_progress(inner_bar)  # type: ignore[union-attr]
     if logger is None:
         logger = Logger(run_path, print_fn=bar.write if progress_bar else None)
     callbacks = convert_callback(callback)
@@ -226,6 +352,9 @@ def run_learning(
             if not keep_going:
                 break
     finally:
+        if inner_bar is not None:
+            core.set_progress(None)  # type: ignore[union-attr]
+            inner_bar.close()
         bar.close()
         logger.close()  # flushes TensorBoard; writers reopen if the logger is used again
     if run_path is not None:

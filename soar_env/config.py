@@ -28,6 +28,9 @@ of a step at once on Ray actors (extra ``ray``; see ``soar_env.ray_backend``).""
 
 DTYPES = ("float32", "bfloat16", "float16")
 
+COMPUTE_DTYPES = ("float32", "bfloat16", "auto")
+"""Dtype of the student update's matrix products (see ``soar_env.models.policy.LMPolicy.compute_dtype``)."""
+
 KL_REFERENCES = ("baseline", "initial")
 """What the student's KL pulls towards (see ``soar_env.student.StudentConfig.kl_reference``)."""
 
@@ -170,6 +173,13 @@ class EnvConfig:
     """Torch device of the student: "auto" (cuda when available, else cpu), "cpu", "cuda", "cuda:1", ..."""
     dtype: str = "float32"
     """Student weights' dtype: float32, bfloat16 or float16."""
+    compute_dtype: str = "float32"
+    """Matrix products of the student's sampling and RLOO update: "float32", "bfloat16" or "auto"
+    (bfloat16 where the CPU has AVX512-BF16/AMX or the GPU has bf16, else float32). bfloat16 keeps
+    fp32 weights and optimiser state, fp32 log-softmax and fp32 sampling probabilities; the
+    sampler rounds its own copy of the weights. On a 2-core AVX512-BF16 CPU bf16 sampled 1.75x
+    and updated ~1.5x faster than float32; float32 stays the default until the student-learning
+    curve is shown to hold in bf16."""
     seed: int | None = None
     """Seed used when reset() is first called without one (None: fresh entropy)."""
 
@@ -213,6 +223,8 @@ class EnvConfig:
             raise ValueError(f"vllm_gpu_memory_utilization must be in (0, 1], got {self.vllm_gpu_memory_utilization!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.compute_dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"compute_dtype must be one of {COMPUTE_DTYPES}, got {self.compute_dtype!r}")
         if self.hardset_split not in ("train", "test"):
             raise ValueError(f"hardset_split must be 'train' or 'test', got {self.hardset_split!r}")
         for name in ("learning_rate", "temperature", "grade_timeout"):

@@ -12,10 +12,11 @@ the same step execute sequentially here (`LocalRunner`) or spread over a cluster
 
 from __future__ import annotations
 
+import inspect
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import torch
 
@@ -69,6 +70,38 @@ class RunRecord:
     worker: str = "local"
 
 
+ProgressKind = Literal["step_start", "run_start", "inner_step", "run_eval", "run_end", "step_end"]
+
+
+@dataclass(frozen=True)
+class ProgressEvent:
+    """Where an env step is, reported while it runs (see `SOARCore.set_progress`).
+
+    One step sends ``step_start``, then for each of its ``runs`` student runs ``run_start``,
+    ``inner_step`` after each of its ``inner_steps`` RLOO steps, ``run_eval`` before the Q_R
+    evaluation and ``run_end``; then ``step_end``. A runner that only learns of a run when it
+    is over (the Ray backend) sends ``run_end`` alone.
+    """
+
+    kind: ProgressKind
+    runs: int
+    """Student runs in this step (g x r under grounded rewards; g under intrinsic ones)."""
+    inner_steps: int
+    """RLOO steps of each run (0: the runs only evaluate)."""
+    run: int = -1
+    """Index of the run (dataset-major, as `RunSpec.index`); -1 for step events."""
+    inner_step: int = 0
+    """RLOO steps the run has finished."""
+    runs_done: int = 0
+    """Runs of this step that have ended, this one included for ``run_end``."""
+    time: float = field(default_factory=time.perf_counter)
+    """``time.perf_counter()`` when it happened, for rates and ETAs."""
+
+
+ProgressFn = Callable[[ProgressEvent], None]
+"""A progress callback: called in the process that runs the env, never in a worker."""
+
+
 class StudentRunner(Protocol):
     """Executes run specs against a baseline; ``parallel`` runners get a whole step at once."""
 
@@ -102,8 +135,21 @@ def same_state(a: Any, b: Any) -> bool:
         return False
 
 
-def execute_run(student: Any, spec: RunSpec, baseline: Any) -> RunRecord:
+def _accepts(function: Any, name: str) -> bool:
+    try:
+        parameters = inspect.signature(function).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in parameters or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+
+
+def execute_run(student: Any, spec: RunSpec, baseline: Any,
+                on_event: Callable[[str, int], None] | None = None) -> RunRecord:
     """Run ``spec`` on ``student``, whose policy holds ``baseline``; the student ends at baseline.
+
+    ``on_event(kind, inner_steps_done)`` hears ``"inner_step"`` after each RLOO step (from a
+    student whose ``train`` takes ``on_step``, as `Student` does) and ``"run_eval"`` before
+    the evaluation.
 
     A failed run (no state) or one whose every update was skipped (state equal to the baseline)
     is not evaluated under greedy decoding, nor when sampling with the baseline's ``eval_seed``:
@@ -114,8 +160,11 @@ def execute_run(student: Any, spec: RunSpec, baseline: Any) -> RunRecord:
     state = None
     t0 = time.perf_counter()
     if spec.steps > 0:
+        hooks: dict[str, Any] = {}
+        if on_event is not None and _accepts(student.train, "on_step"):
+            hooks["on_step"] = lambda done, total: on_event("inner_step", done)
         trained = student.train(list(spec.problems), steps=spec.steps, batch_size=spec.batch_size,
-                                group_size=spec.group_size, seed=spec.seed)
+                                group_size=spec.group_size, seed=spec.seed, **hooks)
         record.tokens += int(getattr(trained, "tokens", 0) or 0)
         record.train_rewards = [float(r) for r in getattr(trained, "rewards", [])]
         state = getattr(trained, "state", None)
@@ -125,6 +174,8 @@ def execute_run(student: Any, spec: RunSpec, baseline: Any) -> RunRecord:
         if state is None or (answers_known and same_state(state, baseline)):
             record.train_seconds = time.perf_counter() - t0
             return record
+    if on_event is not None:
+        on_event("run_eval", spec.steps)
     t1 = time.perf_counter()
     record.train_seconds = t1 - t0
     evaluation = student.evaluate(list(spec.eval_problems), samples=spec.eval_samples, greedy=spec.greedy,
@@ -138,15 +189,38 @@ def execute_run(student: Any, spec: RunSpec, baseline: Any) -> RunRecord:
 
 
 class LocalRunner:
-    """Runs specs one after another on the env's own student (``backend="local"``)."""
+    """Runs specs one after another on the env's own student (``backend="local"``).
+
+    ``progress`` (set by `SOARCore`) hears run start, every inner RLOO step and run end; the
+    events carry step-wide totals, so the core sets ``progress_context`` before each call.
+    """
 
     parallel = False
 
-    def __init__(self, student: Any) -> None:
+    def __init__(self, student: Any, progress: ProgressFn | None = None) -> None:
         self.student = student
+        self.progress = progress
+        self.progress_context: dict[str, int] = {"runs": 0, "inner_steps": 0, "runs_done": 0}
+        """Step totals for the events: ``runs``, ``inner_steps``, and ``runs_done`` (updated here)."""
 
     def run(self, specs: Sequence[RunSpec], *, baseline_id: int, baseline: Any) -> list[RunRecord]:
-        return [execute_run(self.student, spec, baseline) for spec in specs]
+        if self.progress is None:
+            return [execute_run(self.student, spec, baseline) for spec in specs]
+        return [self._run_reporting(spec, baseline, self.progress) for spec in specs]
+
+    def _run_reporting(self, spec: RunSpec, baseline: Any, progress: ProgressFn) -> RunRecord:
+        context = self.progress_context
+        runs, inner = context["runs"] or 1, context["inner_steps"]
+
+        def event(kind: Any, done: int = 0) -> None:
+            progress(ProgressEvent(kind, runs=runs, inner_steps=inner, run=spec.index, inner_step=done,
+                                   runs_done=context["runs_done"]))
+
+        event("run_start")
+        record = execute_run(self.student, spec, baseline, on_event=event)
+        context["runs_done"] += 1
+        event("run_end", spec.steps)
+        return record
 
     def keep_only(self, keep: Any) -> None:
         pass  # records hold their states; SOARCore drops all but the promotable one
@@ -158,4 +232,5 @@ class LocalRunner:
         pass
 
 
-__all__ = ["LocalRunner", "RunRecord", "RunSpec", "StudentRunner", "execute_run", "same_state"]
+__all__ = ["LocalRunner", "ProgressEvent", "ProgressFn", "RunRecord", "RunSpec", "StudentRunner", "execute_run",
+           "same_state"]

@@ -20,7 +20,7 @@ import random
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterator, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol, Sequence
 
 import torch
 
@@ -260,6 +260,7 @@ class Student:
         group_size: int | None = None,
         *,
         seed: int | None = None,
+        on_step: Callable[[int, int], None] | None = None,
     ) -> TrainResult:
         """RLOO on ``problems`` starting from the baseline; returns the trained state.
 
@@ -267,6 +268,7 @@ class Student:
         every pass), samples ``group_size`` solutions per problem, grades them (reward 1 if
         correct, else 0) and makes one RLOO update with a fresh optimizer whose cosine spans
         this run. The policy holds the baseline again when this returns, whatever happens.
+        ``on_step(done, steps)`` is called after each finished RLOO step (progress display).
         """
         config = self.config
         steps = self.default_steps if steps is None else steps
@@ -301,7 +303,7 @@ class Student:
         try:
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                 torch.manual_seed(seed)
-                self._run(valid, steps, batch_size, group_size, rng, result)
+                self._run(valid, steps, batch_size, group_size, rng, result, on_step)
             if result.error is None:
                 result.state = _clone_state(self.policy.state_dict_trainable())
         finally:
@@ -317,6 +319,7 @@ class Student:
         group_size: int,
         rng: random.Random,
         result: TrainResult,
+        on_step: Callable[[int, int], None] | None = None,
     ) -> None:
         """The RLOO steps of one inner run, recorded into ``result``; stops at a non-finite loss."""
         config = self.config
@@ -355,6 +358,8 @@ class Student:
             result.stats.append(stats)
             result.rewards.append(sum(rewards) / len(rewards))
             result.steps_done += 1
+            if on_step is not None:
+                on_step(result.steps_done, steps)
 
     def evaluate(
         self,
@@ -432,7 +437,7 @@ def build_student(config: EnvConfig) -> Student:
 
     lora = LoraSettings(r=config.lora_rank, alpha=config.lora_alpha) if config.lora else None
     policy = LMPolicy.from_name(config.student_model, lora=lora, device=resolve_device(config.device),
-                                dtype=getattr(torch, config.dtype))
+                                dtype=getattr(torch, config.dtype), compute_dtype=config.compute_dtype)
     if config.student_checkpoint:
         # Episode-start weights other than the pretrained ones, e.g. a promoted student of a past run.
         policy.load(os.path.expanduser(config.student_checkpoint))

@@ -11,6 +11,8 @@ import pytest
 import torch
 
 from soar_env.models import EMBEDDED_DEFAULT, LMPolicy, LoraSettings, build_tiny_model, load_model
+from soar_env.models.decode_engines import FastDecodeSettings
+from soar_env.models.precision import native_bf16, resolve_compute_dtype
 from soar_env.prompts import TEACHER_REPLY_PREFIX, student_prompt, teacher_prompt
 
 QUESTIONS = ["What is 2 + 3?", "Find x if 3x + 4 = 19 and explain every step.", "Compute 7 * 8."]
@@ -120,10 +122,18 @@ def test_same_seed_same_texts_and_global_rng_untouched(tiny_policy) -> None:
 
 
 def test_shared_prefill_matches_separate_prompts(tiny_policy) -> None:
-    """num_samples copies of a prompt decode from one prefilled KV cache; same result as copies."""
+    """generate path: num_samples copies of a prompt decode from one prefilled KV cache, as copies would.
+
+    (The own decode loop keys each row's random stream by (prompt, sample), so there the rows
+    of copies differ by design; tests/test_fast_decode.py covers its batching invariances.)
+    """
     short, long = prompts_for(tiny_policy)[0], prompts_for(tiny_policy)[1]
-    shared = tiny_policy.sample([short, long], num_samples=4, max_new_tokens=10, seed=3)
-    separate = tiny_policy.sample([short] * 4 + [long] * 4, num_samples=1, max_new_tokens=10, seed=3)
+    tiny_policy.fast_decode = None
+    try:
+        shared = tiny_policy.sample([short, long], num_samples=4, max_new_tokens=10, seed=3)
+        separate = tiny_policy.sample([short] * 4 + [long] * 4, num_samples=1, max_new_tokens=10, seed=3)
+    finally:
+        tiny_policy.fast_decode = FastDecodeSettings()
     assert shared.completion_ids == separate.completion_ids
 
 
@@ -373,3 +383,68 @@ def test_embedded_save_pretrained_full(tmp_path, embedded_policy) -> None:
     finally:
         embedded_policy.load_state_dict_trainable(snapshot)
     assert EMBEDDED_DEFAULT == "smollm2-135m-instruct"
+
+
+# --- bf16 compute ---------------------------------------------------------------------------------
+
+
+def bf16_pair(**kwargs) -> tuple[LMPolicy, LMPolicy]:
+    """The same tiny policy twice: fp32 compute and bf16 compute."""
+    return tiny_policy_with(**kwargs), tiny_policy_with(compute_dtype="bfloat16", **kwargs)
+
+
+def scored_rows(policy: LMPolicy) -> tuple[list[list[int]], list[list[int]]]:
+    tokenizer = policy.tokenizer
+    prompts = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts_for(policy)]
+    completions = [tokenizer(t, add_special_tokens=False)["input_ids"]
+                   for t in ["5", "x = 5, so \\boxed{5}", "7 * 8 = 56, \\boxed{56}"]]
+    return prompts, completions
+
+
+def test_bf16_compute_runs_the_products_in_bf16_and_keeps_fp32_weights() -> None:
+    assert resolve_compute_dtype("auto") == (torch.bfloat16 if native_bf16("cpu") else torch.float32)
+    with pytest.raises(ValueError, match="compute_dtype"):
+        tiny_policy_with(compute_dtype="float16")
+    policy = tiny_policy_with(compute_dtype="bfloat16")
+    assert policy.compute_dtype == torch.bfloat16
+    seen: list[torch.dtype] = []
+    projection = next(m for n, m in policy.model.named_modules() if n.endswith("q_proj.base_layer"))
+    projection.register_forward_hook(lambda module, inputs, output: seen.append(output.dtype))
+    logprobs, _ = policy.token_logprobs(*scored_rows(policy))
+    assert seen and set(seen) == {torch.bfloat16}  # the matrix products ran in bf16 ...
+    assert logprobs.dtype == torch.float32  # ... the log-softmax in fp32
+    # The weights are the fp32 masters: the adapters the optimiser updates, and the frozen base.
+    assert {p.dtype for p in policy.model.parameters()} == {torch.float32}
+
+
+@pytest.mark.parametrize("lora", [LoraSettings(), None], ids=["lora", "full"])
+def test_bf16_logprobs_match_fp32_within_rounding(lora) -> None:
+    fp32, bf16 = bf16_pair(lora=lora)
+    rows = scored_rows(fp32)
+    expected, mask = fp32.token_logprobs(*rows)
+    got, _ = bf16.token_logprobs(*rows)
+    # bf16 keeps 8 mantissa bits (relative rounding 2^-9 per product); over the tiny model's layers
+    # the log-probs (|log p| ~ 7 for a 16k-token random model) move by well under 0.1.
+    assert (got - expected)[mask].abs().max().item() < 0.1
+    assert (got - expected)[mask].abs().mean().item() < 0.03
+    reference, _ = bf16.token_logprobs(*rows, reference=True)  # the KL reference pass too
+    assert (reference - fp32.token_logprobs(*rows, reference=True)[0])[mask].abs().max().item() < 0.1
+
+
+@pytest.mark.parametrize("lora", [LoraSettings(), None], ids=["lora", "full"])
+def test_a_bf16_update_trains_the_fp32_weights(lora) -> None:
+    from soar_env.rl import RLOOConfig, RLOOUpdater
+
+    policy = tiny_policy_with(lora=lora, compute_dtype="bfloat16")
+    rollout = policy.sample(prompts_for(policy)[:2], num_samples=4, max_new_tokens=6, seed=0)
+    before = policy.state_dict_trainable()
+    updater = RLOOUpdater(policy.trainable_parameters(), RLOOConfig(lr=1e-2, kl_coef=0.001), total_steps=1)
+    stats = updater.update(policy, rollout, [1.0, 0.0, 0.0, 1.0, 0.0, 1.0, 1.0, 0.0], group_size=4)
+    assert stats["skipped"] == 0.0
+    after = policy.state_dict_trainable()
+    assert {t.dtype for t in after.values()} == {torch.float32}
+    changed = [n for n in after if not torch.equal(after[n], before[n])]
+    if lora is not None:
+        assert any("lora_B" in n for n in changed)
+    else:
+        assert len(changed) > len(after) // 2

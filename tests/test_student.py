@@ -237,3 +237,27 @@ def test_update_scores_samples_at_the_sampling_temperature(policy, parity_grader
     student = Student(policy, tiny_config(steps=1, temperature=0.5, kl_coef=0.1, skip_zero_advantage=False))
     assert student.train(PROBLEMS).ok
     assert seen and set(seen) == {(False, 0.5), (True, 0.5)}
+
+
+def test_build_student_passes_the_compute_dtype():
+    from soar_env.config import make_config
+    from soar_env.student import build_student
+
+    student = build_student(make_config("tiny", compute_dtype="bfloat16"))
+    assert student.policy.compute_dtype == torch.bfloat16
+    assert {t.dtype for t in student.baseline_state().values()} == {torch.float32}
+    assert build_student(make_config("tiny")).policy.compute_dtype == torch.float32
+    with pytest.raises(ValueError, match="compute_dtype"):
+        make_config("tiny", compute_dtype="half")
+
+
+def test_train_reports_every_inner_step():
+    from soar_env.config import make_config
+    from soar_env.data.generators import sample_problems
+    from soar_env.student import build_student
+
+    student = build_student(make_config("tiny"))
+    seen: list[tuple[int, int]] = []
+    result = student.train(sample_problems(4, 0), steps=3, batch_size=2, group_size=2, seed=0,
+                           on_step=lambda done, total: seen.append((done, total)))
+    assert result.ok and seen == [(1, 3), (2, 3), (3, 3)]

@@ -1,4 +1,5 @@
-"""Env checkpoints: save, load and restore, one implementation for the single and the vector env.
+"""What the single and the vector env share: checkpoints (save, load, restore) and the read-only
+SOAR state they expose from their core.
 
     env.save("env.pt")                         # baseline, PQ, window, step, RNG states (atomic)
     env = SOARMathEnv.restore("env.pt")        # a new env with the checkpoint's settings, resumed
@@ -132,4 +133,35 @@ class CheckpointMixin:
         return env
 
 
-__all__ = ["CHECKPOINT_FORMAT", "CheckpointMixin", "changed_settings", "load_checkpoint"]
+
+
+class CoreStateMixin:
+    """The read-only SOAR state that the single and the vector env both expose from ``self.core``."""
+
+    core: SOARCore
+    _steps: int
+
+    @property
+    def student(self) -> StudentLike:
+        return self.core.student
+
+    @property
+    def promoted_questions(self) -> list[Problem]:
+        """PQ: every batch that led to a promotion this episode, in order."""
+        return list(self.core.promoted_questions)
+
+    @property
+    def promotions(self) -> int:
+        return self.core.promotions
+
+    @property
+    def eval_subset(self) -> list[Problem]:
+        """Q_R: the hard problems the next step is measured on."""
+        return list(self.core.eval_subset)
+
+    @property
+    def step_count(self) -> int:
+        return self._steps
+
+
+__all__ = ["CHECKPOINT_FORMAT", "CheckpointMixin", "CoreStateMixin", "changed_settings", "load_checkpoint"]

@@ -28,7 +28,7 @@ from soar_env.envs.results import DatasetResult, StepTimings
 from soar_env.problems import Problem, Rejection, to_problem
 from soar_env.ray_backend import RayRunner
 from soar_env.rewards import PromotionTracker, grounded_reward, intrinsic_reward, median_run
-from soar_env.runs import LocalRunner, RunRecord, RunSpec, StudentRunner
+from soar_env.runs import LocalRunner, ProgressEvent, ProgressFn, RunRecord, RunSpec, StudentRunner
 from soar_env.student import StudentLike, build_student, inner_steps_for
 
 
@@ -41,8 +41,10 @@ class SOARCore:
     """
 
     def __init__(self, config: EnvConfig, *, student: StudentLike | None = None,
-                 hard_pool: Sequence[Problem] | None = None) -> None:
+                 hard_pool: Sequence[Problem] | None = None, progress: ProgressFn | None = None) -> None:
         self.config = config
+        self.progress: ProgressFn | None = progress
+        """Hears where a step is (`soar_env.runs.ProgressEvent`); set it with `set_progress`."""
         self._student = student
         self._student_given = student is not None
         self._hard_pool = list(hard_pool) if hard_pool is not None else None
@@ -216,6 +218,19 @@ class SOARCore:
 
     # -- datasets ----------------------------------------------------------------------------------
 
+    def set_progress(self, progress: ProgressFn | None) -> None:
+        """Report every step's progress to ``progress`` (None: stop reporting).
+
+        ``env.unwrapped.core.set_progress(print)`` (a single env) or ``vec_env.core.set_progress(...)``.
+        In-process runs report their start, each inner RLOO step, the start of their evaluation
+        and their end; the Ray backend reports each run's end only, when the step's runs are back.
+        """
+        self.progress = progress
+
+    def _report(self, kind: Any, runs: int, inner_steps: int, **fields: int) -> None:
+        if self.progress is not None:
+            self.progress(ProgressEvent(kind, runs=runs, inner_steps=inner_steps, **fields))
+
     @property
     def runner(self) -> StudentRunner:
         """Where student runs execute: this process, or Ray workers (``backend``)."""
@@ -244,15 +259,26 @@ class SOARCore:
         what they compute.
         """
         grounded = self.config.reward_mode == "grounded"
+        total_runs = len(batches) * (self.config.repeats if grounded else 1)
+        inner = self.inner_steps if grounded else 0
+        self._report("step_start", total_runs, inner)  # before the baseline's Q_R evaluation
         base_correct = self.baseline_correct()[0] if grounded else []
         groups: list[list[RunSpec]] = []
         for problems in batches:
             groups.append(self._dataset_specs(problems, rng, first_index=sum(len(g) for g in groups)))
         runner = self.runner
         baseline = self._baseline_tensors if self._baseline_tensors is not None else self.student.baseline_state()
+        local_progress = isinstance(runner, LocalRunner)
+        if isinstance(runner, LocalRunner):
+            runner.progress = self.progress
+            runner.progress_context = {"runs": total_runs, "inner_steps": inner, "runs_done": 0}
         if runner.parallel:
             records = runner.run([spec for specs in groups for spec in specs], baseline_id=self.state_id,
                                  baseline=baseline)
+            if not local_progress:  # a remote runner answers when every run is over
+                for done, record in enumerate(records, 1):
+                    self._report("run_end", total_runs, inner, run=record.index, runs_done=done,
+                                 inner_step=inner)
             per_dataset: Iterable[list[RunRecord]] = [[records[spec.index] for spec in specs] for specs in groups]
         else:
             # Lazily, dataset by dataset, so at most r trained states are alive at once.
@@ -272,6 +298,7 @@ class SOARCore:
             else:
                 result.median_state = None
             results.append(result)
+        self._report("step_end", total_runs, inner, runs_done=total_runs)
         # Remote workers free every trained state but the one promotion may ask for.
         runner.keep_only(results[best].median_state if results and self.can_promote else None)
         if not self.can_promote and results:
@@ -436,35 +463,6 @@ class SOARCore:
             self._sampled_baseline = (key, [int(c) for c in sampled["correct"]])
 
 
-class CoreStateMixin:
-    """The read-only SOAR state that the single and the vector env both expose from ``self.core``."""
-
-    core: SOARCore
-    _steps: int
-
-    @property
-    def student(self) -> StudentLike:
-        return self.core.student
-
-    @property
-    def promoted_questions(self) -> list[Problem]:
-        """PQ: every batch that led to a promotion this episode, in order."""
-        return list(self.core.promoted_questions)
-
-    @property
-    def promotions(self) -> int:
-        return self.core.promotions
-
-    @property
-    def eval_subset(self) -> list[Problem]:
-        """Q_R: the hard problems the next step is measured on."""
-        return list(self.core.eval_subset)
-
-    @property
-    def step_count(self) -> int:
-        return self._steps
-
-
 def _snippet(value: Any, limit: int = 200) -> str:
     try:
         text = repr(value)
@@ -473,4 +471,4 @@ def _snippet(value: Any, limit: int = 200) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
-__all__ = ["CoreStateMixin", "SOARCore"]
+__all__ = ["SOARCore"]

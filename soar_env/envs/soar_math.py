@@ -21,8 +21,8 @@ import gymnasium as gym
 import numpy as np
 
 from soar_env.config import EnvConfig, make_config
-from soar_env.envs.checkpoint import CheckpointMixin
-from soar_env.envs.core import CoreStateMixin, SOARCore
+from soar_env.envs.checkpoint import CheckpointMixin, CoreStateMixin
+from soar_env.envs.core import SOARCore
 from soar_env.envs.results import dataset_info
 from soar_env.envs.spaces import ProblemBatch, make_observation, observation_space
 from soar_env.problems import Problem

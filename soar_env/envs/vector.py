@@ -23,8 +23,8 @@ from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
 from soar_env.config import EnvConfig, make_config
-from soar_env.envs.checkpoint import CheckpointMixin
-from soar_env.envs.core import CoreStateMixin, SOARCore
+from soar_env.envs.checkpoint import CheckpointMixin, CoreStateMixin
+from soar_env.envs.core import SOARCore
 from soar_env.envs.results import StepTimings, dataset_info
 from soar_env.envs.spaces import ProblemBatch, make_observation, observation_space
 from soar_env.problems import Problem
