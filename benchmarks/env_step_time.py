@@ -37,23 +37,30 @@ DEFAULT_GRIDS = {
     "cpu": "base;repeats=1;inner_steps=3;problems_per_dataset=8;num_datasets=2",
     "paper": "base",
 }
-"""Rows per preset: ``base`` is the preset itself, each other entry overrides one setting."""
+"""Rows per preset: ``base`` is the preset itself, each other entry overrides settings (``a=1,b=2``)."""
 
 FALLBACK_HARDSET = "generator:addition@4#80%0"
 """Used when the bundled hard set is missing: 4-digit additions, which SmolLM2 fails greedily."""
 
 
 def parse_override(text: str) -> dict[str, Any]:
-    """``"base"`` -> {}; ``"setting=value"`` -> {setting: value as int, float, bool or str}."""
+    """``"base"`` -> {}; ``"a=1,b=x"`` -> {a: 1, b: "x"}, each value as int, float, bool or str."""
     if text.strip() == "base":
         return {}
-    key, _, value = text.partition("=")
+    overrides: dict[str, Any] = {}
+    for part in text.split(","):
+        key, _, value = part.partition("=")
+        overrides[key.strip()] = _value(value.strip())
+    return overrides
+
+
+def _value(text: str) -> Any:
     for cast in (int, float):
         try:
-            return {key.strip(): cast(value)}
+            return cast(text)
         except ValueError:
             pass
-    return {key.strip(): {"true": True, "false": False}.get(value.lower(), value)}
+    return {"true": True, "false": False}.get(text.lower(), text)
 
 
 def machine() -> str:
