@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from transformers import DynamicCache, PreTrainedModel
 
 from soar_env.models.decoding import left_pad, positions
-from soar_env.models.precision import native_bf16
+from soar_env.models.precision import resolve_compute_dtype
 
 EngineName = Literal["auto", "llama", "hf"]
 DType = Literal["float32", "bfloat16", "auto"]
@@ -42,13 +42,12 @@ class FastDecodeSettings:
     """Compute dtype of the ``"llama"`` engine. ``"bfloat16"`` rounds this sampler's copy of the
     weights (the update keeps fp32); ``"auto"`` is bfloat16 where the CPU has native bf16 matmul
     (AVX512-BF16 / AMX), float32 elsewhere. Measured on SmolLM2 (4 x 8 x 48 tokens, one AVX512-BF16
-    thread): bf16 1.75x fp32's tokens/s. float32 stays the default until the student-learning
-    curve is checked with bf16 sampling."""
+    thread): bf16 1.75x fp32's tokens/s. `LMPolicy` sets it from its ``compute_dtype``."""
     compact_fraction: float = 0.125
     """Drop finished rows from the batch and cache once they are at least this fraction of the
     rows decoded (a compaction copies the live cache, about one step's attention reads)."""
     prepack: bool = True
-    """Reorder the ``"llama"`` engine's weights once per call into oneDNN's blocked layout (CPU
+    """Reorder the ``"llama"`` engine's weights once per decode batch into oneDNN's blocked layout (CPU
     builds with mkldnn): 1.4-2x the GEMM rate at decode batch sizes on AVX512 CPUs."""
 
 
@@ -110,12 +109,6 @@ def base_model(model: nn.Module) -> PreTrainedModel:
 
 def model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
-
-
-def _compute_dtype(settings: FastDecodeSettings) -> torch.dtype:
-    if settings.dtype == "auto":
-        return torch.bfloat16 if native_bf16("cuda" if torch.cuda.is_available() else "cpu") else torch.float32
-    return torch.bfloat16 if settings.dtype == "bfloat16" else torch.float32
 
 
 def _write_weight(module: nn.Module, out: Tensor, column_scale: Tensor | None, row_scale: float) -> None:
@@ -241,7 +234,7 @@ class LlamaEngine(Engine):
         base = base_model(model)
         decoder = getattr(base, base.base_model_prefix)
         config = base.config
-        self.dtype = _compute_dtype(settings)
+        self.dtype = resolve_compute_dtype(settings.dtype, model_device(model))
         linear = (self.dtype, settings.prepack)
         self.columns = columns
         self.pad_token = pad_token_id

@@ -14,7 +14,7 @@ itself on every step, finished rows decoded to the end, and MKL GEMMs at 32 rows
 their weights on every call. This module decodes with:
 
 - **a hand-written forward of Llama-family decoders** (Llama, SmolLM2, Mistral and Qwen2
-  without a sliding window) over the model's own weights, prepared once per call: LoRA
+  without a sliding window) over the model's own weights, prepared once per decode batch (``batch_size`` rows): LoRA
   adapters folded in, RMSNorm weights and the attention scaling folded into the next matrix,
   q/k/v fused into one matrix and gate/up into another, each prepacked for oneDNN (1.4-2x the
   GEMM rate of ``F.linear`` at 32 rows), the model's own rotary embedding and activation. Any
