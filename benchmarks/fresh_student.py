@@ -23,8 +23,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
-from soar_env.problems import Problem, Rejection, to_problem
-from soar_env.prompts import student_prompt
+from soar_env.problems import Problem, Rejection
 
 
 @dataclass
@@ -43,14 +42,6 @@ class ChunkResult:
     @property
     def ok(self) -> bool:
         return self.error is None
-
-
-def _cycle(n: int, rng: random.Random) -> Iterator[int]:
-    """Indices 0..n-1 in a fresh shuffled order on every pass (as `Student.train` draws batches)."""
-    while True:
-        order = list(range(n))
-        rng.shuffle(order)
-        yield from order
 
 
 class OneRun:
@@ -75,8 +66,8 @@ class OneRun:
         self.group_size = group_size
         self.rng = random.Random(seed)
         student.reset()  # start from the student's baseline weights
-        if config.kl_coef > 0 and hasattr(policy, "set_reference") and hasattr(student, "reference_state"):
-            policy.set_reference(student.reference_state())  # KL towards the weights the run starts from
+        student.sync_reference()  # KL towards the weights the run starts from
+        self.student = student
         self.policy = policy
         self.updater = RLOOUpdater(policy.trainable_parameters(), config.rloo_config(), total_steps=max(total_steps, 1))
         self.problems: list[Problem] = []
@@ -85,20 +76,15 @@ class OneRun:
 
     def start_phase(self, problems: Sequence[Any]) -> int:
         """Train on ``problems`` from now on (checked like `Student.train` checks them); how many are usable."""
-        self.problems, self.skipped = [], []
-        for index, entry in enumerate(problems):
-            checked = to_problem(entry)
-            if isinstance(checked, Rejection):
-                self.skipped.append((index, checked))
-            else:
-                self.problems.append(checked)
-        self._order = _cycle(len(self.problems), self.rng) if self.problems else None
+        from soar_env.student import checked_problems, shuffled_cycle  # lazy: imports torch
+
+        self.problems, self.skipped = checked_problems(problems)
+        self._order = shuffled_cycle(len(self.problems), self.rng) if self.problems else None
         return len(self.problems)
 
     def train(self, steps: int) -> ChunkResult:
         """``steps`` more RLOO steps of the run; the optimizer and the schedule carry on from the last chunk."""
         from soar_env.rl import NonFiniteLossError
-        from soar_env.verify import grade_many
 
         torch, config = self.torch, self.config
         result = ChunkResult()
@@ -111,17 +97,11 @@ class OneRun:
             torch.manual_seed(self.rng.randrange(2**31))  # adapter dropout, if any
             for _ in range(steps):
                 batch = [self.problems[next(self._order)] for _ in range(self.batch_size)]
-                rollout = self.policy.sample([self.policy.chat_prompt(student_prompt(p.question)) for p in batch],
-                                             num_samples=self.group_size, temperature=config.temperature,
-                                             max_new_tokens=config.max_new_tokens, seed=self.rng.randrange(2**31),
-                                             batch_size=config.sample_batch_size)  # prompt-major: batch x group rows
-                grades = grade_many(rollout.texts, [batch[i].answer for i in rollout.prompt_index],
-                                    require_box=config.require_box, timeout=config.grade_timeout,
-                                    processes=config.grade_processes)
+                rollout = self.student.sample_group(batch, self.group_size, self.rng)
+                rewards = self.student.rewards(rollout, batch)
                 result.tokens += sum(len(c) for c in rollout.completion_ids)
                 try:
-                    self.updater.update(self.policy, rollout, [1.0 if g.correct else 0.0 for g in grades],
-                                        self.group_size, temperature=config.temperature)
+                    self.updater.update(self.policy, rollout, rewards, self.group_size, temperature=config.temperature)
                 except NonFiniteLossError as error:
                     result.error = f"non_finite_loss at step {self.updater.steps_done}: {error}"
                     break

@@ -180,8 +180,21 @@ def _clone_state(state: State) -> State:
     return {name: tensor.detach().clone() for name, tensor in state.items()}
 
 
-def _cycle(n: int, rng: random.Random) -> Iterator[int]:
-    """Indices 0..n-1 in a fresh shuffled order on every pass."""
+def checked_problems(entries: Sequence[Any]) -> tuple[list[Problem], list[tuple[int, Rejection]]]:
+    """(the trainable problems, (index, reason) of every entry that is not one), never raising."""
+    valid: list[Problem] = []
+    skipped: list[tuple[int, Rejection]] = []
+    for index, entry in enumerate(entries):
+        checked = to_problem(entry)
+        if isinstance(checked, Rejection):
+            skipped.append((index, checked))
+        else:
+            valid.append(checked)
+    return valid, skipped
+
+
+def shuffled_cycle(n: int, rng: random.Random) -> Iterator[int]:
+    """Indices 0..n-1 in a fresh shuffled order on every pass (how inner runs draw their batches)."""
     while True:
         order = list(range(n))
         rng.shuffle(order)
@@ -230,7 +243,7 @@ class Student:
         """The trainable tensors the inner loop's KL pulls towards (``kl_reference``)."""
         return self._baseline if self.config.kl_reference == "baseline" else self._initial
 
-    def _sync_reference(self) -> None:
+    def sync_reference(self) -> None:
         """Give the policy the KL reference of ``kl_reference`` if it changed since the last run."""
         target = self.reference_state()
         if self.config.kl_coef > 0 and target is not self._reference:
@@ -241,6 +254,18 @@ class Student:
 
     def _prompts(self, problems: Sequence[Problem]) -> list[str]:
         return [self.policy.chat_prompt(student_prompt(p.question)) for p in problems]
+
+    def sample_group(self, batch: Sequence[Problem], group_size: int, rng: random.Random) -> "Rollout":
+        """``group_size`` solutions per problem of ``batch`` at the training temperature (one RLOO step's
+        rollout, prompt-major: batch x group rows), seeded from ``rng``."""
+        config = self.config
+        return self.policy.sample(self._prompts(batch), num_samples=group_size, temperature=config.temperature,
+                                  max_new_tokens=config.max_new_tokens, seed=rng.randrange(2**31),
+                                  batch_size=config.sample_batch_size)
+
+    def rewards(self, rollout: "Rollout", batch: Sequence[Problem]) -> list[float]:
+        """1.0 for each rollout row whose answer is correct, else 0.0 (the inner loop's reward)."""
+        return [1.0 if g.correct else 0.0 for g in self._grade(rollout, batch)]
 
     def _grade(self, rollout: "Rollout", problems: Sequence[Problem]) -> list[Any]:
         golds = [problems[i].answer for i in rollout.prompt_index]
@@ -280,14 +305,7 @@ class Student:
         # Checked here because `train` is public: run_pq and users pass loader rows, mappings or
         # hand-made Problems (whose constructor checks nothing). Problems the env already
         # validated pass through `to_problem` unchanged (the same objects come back).
-        valid: list[Problem] = []
-        skipped: list[tuple[int, Rejection]] = []
-        for index, entry in enumerate(problems):
-            checked = to_problem(entry)
-            if isinstance(checked, Rejection):
-                skipped.append((index, checked))
-            else:
-                valid.append(checked)
+        valid, skipped = checked_problems(problems)
         result = TrainResult(steps_done=0, num_problems=len(valid), skipped=skipped)
         if not valid:
             result.error = f"no_valid_problems: all {len(skipped)} entries were skipped"
@@ -299,7 +317,7 @@ class Student:
         rng = random.Random(seed)
         device = getattr(self.policy, "device", torch.device("cpu"))
         self.reset()
-        self._sync_reference()
+        self.sync_reference()
         try:
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                 torch.manual_seed(seed)
@@ -323,22 +341,15 @@ class Student:
     ) -> None:
         """The RLOO steps of one inner run, recorded into ``result``; stops at a non-finite loss."""
         config = self.config
-        order = _cycle(len(problems), rng)
+        order = shuffled_cycle(len(problems), rng)
         # A fresh optimizer per run: the paper restarts AdamW and the cosine for every inner run.
         updater = RLOOUpdater(self.policy.trainable_parameters(), config.rloo_config(), total_steps=max(steps, 1))
         for step in range(steps):
             batch = [problems[next(order)] for _ in range(batch_size)]
             t0 = time.perf_counter()
-            rollout = self.policy.sample(
-                self._prompts(batch),
-                num_samples=group_size,
-                temperature=config.temperature,
-                max_new_tokens=config.max_new_tokens,
-                seed=rng.randrange(2**31),
-                batch_size=config.sample_batch_size,
-            )  # prompt-major: batch_size x group_size rows
+            rollout = self.sample_group(batch, group_size, rng)  # prompt-major: batch_size x group_size rows
             t1 = time.perf_counter()
-            rewards = [1.0 if g.correct else 0.0 for g in self._grade(rollout, batch)]
+            rewards = self.rewards(rollout, batch)
             t2 = time.perf_counter()
             tokens = sum(len(c) for c in rollout.completion_ids)
             result.tokens += tokens
@@ -476,5 +487,7 @@ __all__ = [
     "StudentLike",
     "TrainResult",
     "build_student",
+    "checked_problems",
     "inner_steps_for",
+    "shuffled_cycle",
 ]
