@@ -259,6 +259,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--skip", nargs="*", default=[], choices=("curve", "premise", "determinism"), help="parts to skip")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads; 1 when the cores are shared")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--compute-dtype", default="float32", choices=("float32", "bfloat16", "auto"),
+                        help="dtype of the student's sampling and update products (EnvConfig.compute_dtype)")
     parser.add_argument("--json", default=None, help="also write the results to this file")
     return parser.parse_args(argv)
 
@@ -270,7 +272,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     load = os.getloadavg()
     print(f"model {args.model}, LoRA r={args.lora_r}, torch {torch.__version__} with {torch.get_num_threads()} threads, "
           f"{os.cpu_count()} cores, load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}", flush=True)
-    policy = LMPolicy.from_name(args.model, lora=LoraSettings(r=args.lora_r, alpha=2 * args.lora_r))
+    policy = LMPolicy.from_name(args.model, lora=LoraSettings(r=args.lora_r, alpha=2 * args.lora_r),
+                                compute_dtype=args.compute_dtype)
+    print(f"compute dtype {policy.compute_dtype}", flush=True)
     warm_up(1)
     results: dict[str, Any] = {"settings": vars(args), "load_start": load}
     try:

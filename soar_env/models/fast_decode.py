@@ -48,7 +48,7 @@ cache column advanced, for at most the ~10% of a step that is elementwise.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 
 import torch
@@ -127,6 +127,7 @@ def decode_rows(
     seed: int | None = None,
     pad_token_id: int = 0,
     settings: FastDecodeSettings = FastDecodeSettings(),
+    make_engine: Callable[[nn.Module, FastDecodeSettings, int, int], Engine] | None = None,
 ) -> list[list[int]]:
     """Generated token ids of every row, in row order; one decode batch.
 
@@ -137,6 +138,8 @@ def decode_rows(
     included, or after ``max_new_tokens``. ``seed=None`` draws the call's seed from the global
     torch RNG (the global RNG is otherwise untouched). ``model`` may be a peft model: its
     active adapters are folded in. The model runs in eval mode; its weights are not changed.
+    ``make_engine(model, settings, columns, pad_token_id)`` replaces the engine the model's
+    family gets (one whose rows use different adapters, say); it is called inside the decode.
     """
     if samples is not None:
         row_prompts = [k for k, n in enumerate(samples) for _ in range(n)]
@@ -152,7 +155,7 @@ def decode_rows(
         return [[] for _ in row_prompts]
     greedy = greedy or temperature <= 0
     seed = _call_seed(seed)
-    engine = engine_for(model, settings)
+    engine = make_engine or engine_for(model, settings)
     device = model_device(model)
     # The llama engine folds adapters in itself; through the model's own forward, fold them
     # for the call (one matmul per layer instead of three, the same tokens) unless disabled.
