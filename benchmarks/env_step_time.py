@@ -12,11 +12,16 @@ machine and the number of timed runs; the breakdown columns are the env's own ``
 ``cpu s`` is this process's CPU time over the step (all torch threads, grader workers
 excluded): unlike wall time it barely moves when other jobs share the cores, so compare rows
 by it on a busy machine (wall time on an idle machine is about cpu s / torch threads).
+
+``--against REV`` times the same rows on commit REV too (a git worktree; see
+``benchmarks.against``): ``--runs`` pairs of one-step processes, ours and REV's interleaved, and
+prints the paired ratios of step, CPU, train and evaluation seconds.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import statistics
@@ -29,6 +34,7 @@ import gymnasium as gym
 import torch
 
 import soar_env  # noqa: F401  (registers the env ids)
+from benchmarks import against
 from soar_env.data.hardset import bundled_hardset_path
 
 DEFAULT_GRIDS = {
@@ -116,8 +122,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--grid", default=None, help="';'-separated rows: 'base' or 'setting=value'")
     parser.add_argument("--hardset", default=None, help="override the preset's hard set")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", default=None, help="also write the rows to this file")
+    against.add_arguments(parser)
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore", category=FutureWarning)
+    if args.against:
+        return compare_against(args, sys.argv[1:] if argv is None else list(argv))
 
     common: dict[str, Any] = {}
     if args.hardset:
@@ -129,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# SOAR-MATH-v0 step time, preset {args.preset!r}, {args.runs} timed step(s) per row after "
           f"{args.warmup} warm-up step(s)")
     print(f"# machine: {machine()}")
+    print(f"# library: {os.path.realpath(os.path.dirname(soar_env.__file__))}")
     if common:
         print(f"# common overrides: {common}")
     header = (f"| {'varied':<24} | {'n':>3} | {'r':>2} | {'steps':>5} | {'g':>2} | {'M':>3} | {'step s':>8} | "
@@ -136,9 +147,11 @@ def main(argv: list[str] | None = None) -> int:
               f"{'reset s':>7} |")
     print(header)
     print("|" + "|".join("-" * (len(cell)) for cell in header.split("|")[1:-1]) + "|")
+    results = []
     for row in rows:
         overrides = {**common, **parse_override(row)}
         result = time_row(args.preset, overrides, args.runs, args.seed, args.warmup)
+        results.append({"row": row, **result})
         print(f"| {row:<24} | {result['n']:>3} | {result['r']:>2} | {result['steps']:>5} | {result['g']:>2} | "
               f"{result['M']:>3} | {result['step_s']:>8.2f} | {result['std_s']:>6.2f} | {result['cpu_s']:>7.1f} | "
               f"{result['train_s']:>8.2f} | "
@@ -146,6 +159,32 @@ def main(argv: list[str] | None = None) -> int:
               f"{result['reset_s']:>7.1f} |", flush=True)
     if hasattr(os, "getloadavg"):
         print(f"# load average at the end: {os.getloadavg()[0]:.1f}")
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as handle:
+            json.dump({"machine": machine(), "settings": vars(args), "rows": results}, handle, indent=2)
+    return 0
+
+
+def compare_against(args: argparse.Namespace, argv: list[str]) -> int:
+    """Every row on our tree and on ``args.against``'s, ``args.runs`` interleaved pairs of one step each."""
+    print(f"# SOAR-MATH-v0 step time against {args.against}, preset {args.preset!r}, {args.runs} pair(s) of "
+          f"one timed step after {args.warmup} warm-up step(s)")
+    print(f"# machine: {machine()}")
+    pairs = against.run_pairs("benchmarks.env_step_time", [*against.strip_against(argv), "--runs", "1"],
+                              args.against, args.runs, schedule=args.against_schedule,
+                              threads=torch.get_num_threads() if args.against_schedule == "alternate" else 1)
+    report = {"pairs": pairs, "rows": []}
+    for k, row in enumerate(pairs["ours"][0]["rows"]):
+        figures = [(f"{name}", lambda run, key=key, k=k: run["rows"][k][key])
+                   for name, key in (("step s", "step_s"), ("CPU s", "cpu_s"), ("train s", "train_s"),
+                                     ("Q_R eval s (trained)", "eval_s"), ("baseline eval s", "base_s"),
+                                     ("tokens", "tokens"))]
+        report["rows"].append({"row": row["row"], "figures": against.paired_table(pairs, figures, f"row {row['row']}")})
+    if hasattr(os, "getloadavg"):
+        print(f"# load average at the end: {os.getloadavg()[0]:.1f}")
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as handle:
+            json.dump(report, handle, indent=2)
     return 0
 
 

@@ -24,6 +24,9 @@ Runs are interleaved (ours, TRL, TRL, ours, ours, TRL, ...: the order flips ever
 that a change in machine load hits both sides alike; the first ``--warmup`` runs of each side
 are dropped. Tokens are the completion tokens each side actually kept (cut after eos), counted
 on both sides, so tokens/s is fair even when the two samplers draw different completions.
+``--against REV`` instead times our RLOO step on this tree and on commit REV's (a git worktree,
+``benchmarks.against``): ``--runs`` pairs of processes, interleaved, each taking ``--warmup``
+untimed steps and one timed step, then the paired ratios of each phase.
 The step time of TRL is measured from ``on_step_begin`` to ``on_step_end`` of its training
 loop, which covers generation, scoring, rewards, loss, backward and the optimizer step.
 """
@@ -47,7 +50,8 @@ from typing import Any
 import torch
 import transformers
 
-from benchmarks.timing import PhaseTimer, Side, finish_run, report_pair
+from benchmarks import against
+from benchmarks.timing import PhaseTimer, Side, finish_run, fmt, report_pair
 from soar_env.data.generators import sample_problems
 from soar_env.models import LMPolicy, LoraSettings, load_model
 from soar_env.models.decoding import left_pad
@@ -345,14 +349,48 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-generation", action="store_true", help="only the RLOO step comparison")
     parser.add_argument("--skip-steps", action="store_true", help="only the generation comparison")
+    parser.add_argument("--ours-only", action="store_true",
+                        help="time only our RLOO step (the unit of --against), no generation comparison, no TRL")
     parser.add_argument("--json", default=None, help="also write the results to this file")
+    against.add_arguments(parser)
     return parser.parse_args(argv)
+
+
+def ours_only(args: argparse.Namespace) -> Side:
+    """``--warmup`` + ``--runs`` of our RLOO step alone, warm-up runs dropped."""
+    total = args.warmup + args.runs
+    step = OurStep(args, make_problems(args, total), total)
+    for k in range(total):
+        step(k)
+    step.side.drop_warmup(args.warmup)
+    return step.side
+
+
+def compare_against(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
+    """Our RLOO step on this tree against ``args.against``'s, ``args.runs`` interleaved pairs."""
+    print(f"our student RLOO step against {args.against}: model {args.model}, {args.problems} prompts x "
+          f"{args.group_size} samples, {args.max_new_tokens} new tokens, {args.runs} pair(s) of one timed step "
+          f"after {args.warmup} warm-up step(s) each")
+    pairs = against.run_pairs("benchmarks.throughput", [*against.strip_against(argv), "--ours-only", "--runs", "1"],
+                              args.against, args.runs, schedule=args.against_schedule,
+                              threads=args.threads or (1 if args.against_schedule == "concurrent" else None))
+    figures = [("step s", lambda run: run["step"]["seconds"][0]),
+               ("tokens / s", lambda run: run["step"]["tokens_per_s"][0]),
+               ("tokens", lambda run: run["step"]["tokens"][0])]
+    for phase in ("generate", "grade", "update", "logprob_fwd", "logprob_ref_fwd", "backward+optimizer"):
+        figures.append((f"{phase} s", lambda run, phase=phase: run["step"]["phases_s"].get(phase, float("nan"))))
+    results = {"pairs": pairs, "figures": against.paired_table(pairs, figures, "student RLOO step")}
+    print("(tokens / s: a ratio below 1 means ours is faster)")
+    return finish_run(results, args.json)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.against:
+        return compare_against(args, sys.argv[1:] if argv is None else list(argv))
+    print(f"# library: {os.path.realpath(os.path.dirname(sys.modules['soar_env'].__file__))}")
     load_start = os.getloadavg()
     results: dict[str, Any] = {"settings": vars(args), "machine": machine(), "load_start": load_start}
     print(f"model {args.model}, LoRA {'r=' + str(args.lora_r) if args.lora else 'off (full fine-tuning)'}, "
@@ -363,6 +401,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           f"transformers {m['transformers']}, trl {m['trl']}; load average at start {load_start[0]:.2f} {load_start[1]:.2f} {load_start[2]:.2f}")
     warm_up(1)  # grader start-up is a one-off cost, as in a long training run
     try:
+        if args.ours_only:
+            results["step"] = ours_only(args).summary()
+            print(f"ours: {fmt(results['step']['seconds'])} s per step, {fmt(results['step']['tokens_per_s'], 1)} "
+                  f"tokens/s over {args.runs} run(s)")
+            return finish_run(results, args.json)
         if not args.skip_generation:
             policy = LMPolicy.from_name(args.model, lora=lora_settings(args))
             problems = make_problems(args, max(1, args.warmup + args.runs))

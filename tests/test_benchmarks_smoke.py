@@ -46,3 +46,36 @@ def test_student_learning_checks_run_on_tiny():
     assert results["premise"]["skip"]["unchanged"] and results["premise"]["no_skip"]["unchanged"]
     determinism = results["determinism"]
     assert determinism["same_rewards"] and determinism["same_state"] and all(determinism["same_ids"])
+
+
+def test_against_argv_drops_only_its_own_options():
+    from benchmarks.against import strip_against
+
+    argv = ["--preset", "cpu", "--against", "HEAD~1", "--runs=3", "--json", "x.json", "--against-schedule=concurrent",
+            "--grid", "num_datasets=2"]
+    assert strip_against(argv) == ["--preset", "cpu", "--grid", "num_datasets=2"]
+
+
+def test_env_step_time_against_a_commit_runs_both_trees(tmp_path):
+    """--against times the same rows on another checkout (here HEAD) in separate processes, and
+    each side imports the library from its own tree (the harness from ours)."""
+    import subprocess
+
+    from benchmarks import against, env_step_time
+
+    try:
+        against.git("rev-parse", "--verify", "HEAD")
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip("not a git checkout")
+    out = tmp_path / "against.json"
+    assert env_step_time.main(["--preset", "tiny", "--grid", "base", "--runs", "1", "--warmup", "0",
+                               "--against", "HEAD", "--json", str(out)]) == 0
+    import json
+
+    report = json.loads(out.read_text())
+    pairs = report["pairs"]
+    assert len(pairs["ours"]) == len(pairs["theirs"]) == 1
+    assert pairs["theirs"][0]["library_file"].startswith(str(against.worktree("HEAD")[0]))
+    assert pairs["ours"][0]["library_file"] == str(against.REPO / "soar_env")
+    step = next(f for f in report["rows"][0]["figures"] if f["figure"] == "step s")
+    assert step["ours"][0] > 0 and step["theirs"][0] > 0
