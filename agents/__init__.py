@@ -14,10 +14,11 @@ Modules: `agents.base` (the protocol, `Teacher`), `agents.loop` (`run_learning`)
 `agents.callbacks`, `agents.driver` (single and vector env behind one interface),
 `agents.run_dir` (checkpoints and run files), `agents.logger`, the teachers
 (`agents.rloo_teacher` with `agents.teacher_config` and `agents.teacher_sampling`,
-`agents.baselines`, `agents.sb3_teacher`), `agents.registry` (teacher names),
-`agents.train` (``soar train``) and `agents.testing` (the conformance check).
+`agents.baselines`, `agents.sb3_teacher`, `agents.alp_gmm` with `agents.gmm`), `agents.registry`
+(teacher names), `agents.train` (``soar train``) and `agents.testing` (the conformance check).
 """
 
+from agents.alp_gmm import ALPGMMTeacher
 from agents.base import Teacher, TeacherProtocol
 from agents.baselines import BaseTeacher, HardOnlyTeacher, IntrinsicTeacher, RandomTeacher
 from agents.callbacks import BaseCallback, CallbackList, FunctionCallback, StepRecord, StopAfterPromotions
@@ -30,6 +31,7 @@ from agents.sb3_teacher import SB3Teacher
 from agents.teacher_config import TEACHER_PRESETS, TeacherConfig, make_teacher_config
 
 __all__ = [
+    "ALPGMMTeacher",
     "BaseCallback",
     "BaseTeacher",
     "CallbackList",

@@ -11,6 +11,7 @@ import os
 import sys
 from typing import Any
 
+from agents.alp_gmm import ALPGMMTeacher
 from agents.base import PROTOCOL_METHODS
 from agents.baselines import BaseTeacher, HardOnlyTeacher, IntrinsicTeacher, RandomTeacher
 from agents.rloo_teacher import RLOOTeacher
@@ -23,6 +24,7 @@ BUILTIN_TEACHERS = {
     "intrinsic": "the LLM teacher trained on the learnability reward (Intrinsic-T)",
     "hard-only": "the hard train problems themselves (Hard-Only)",
     "sb3": "stable-baselines3 PPO over the procedural curriculum (SOAR-MATH-Param-v0's action)",
+    "alp-gmm": "ALP-GMM: absolute learning progress over a Gaussian mixture of (family mixture, difficulty) tasks",
 }
 """Built-in teacher names and what each one is."""
 
@@ -33,6 +35,7 @@ TEACHER_CLASSES: dict[str, type] = {
     "intrinsic": IntrinsicTeacher,
     "hard-only": HardOnlyTeacher,
     "sb3": SB3Teacher,
+    "alp-gmm": ALPGMMTeacher,
 }
 """The class behind each built-in name."""
 

@@ -12,14 +12,16 @@ from benchmarks.evaluation import EvalConfig
 from soar_env.config import make_config
 from soar_env.options import check_minimum
 
-METHODS = ("base-student", "hard-only", "base", "random", "intrinsic", "soar", "sb3")
-TEACHER_OF = {"base": "base", "random": "random", "intrinsic": "intrinsic", "soar": "rloo", "sb3": "sb3"}
+METHODS = ("base-student", "hard-only", "base", "random", "intrinsic", "soar", "sb3", "alp-gmm")
+TEACHER_OF = {"base": "base", "random": "random", "intrinsic": "intrinsic", "soar": "rloo", "sb3": "sb3",
+              "alp-gmm": "alp-gmm"}
 """The ``soar train --teacher`` of each method that has a teacher."""
-META_TRAINED = ("intrinsic", "soar", "sb3")
+META_TRAINED = ("intrinsic", "soar", "sb3", "alp-gmm")
 ROW_NAMES = {"base-student": "Base", "hard-only": "Hard-Only", "base": "Base-T", "random": "Random",
              "intrinsic": "Intrinsic-T", "soar-pq": "SOAR PQ", "soar-ps": "SOAR PS", "grounded": "Grounded-T",
-             "sb3": "SB3 teacher"}
-ROW_ORDER = ("base-student", "hard-only", "base", "random", "intrinsic", "grounded", "soar-pq", "soar-ps", "sb3")
+             "sb3": "SB3 teacher", "alp-gmm": "ALP-GMM"}
+ROW_ORDER = ("base-student", "hard-only", "base", "random", "intrinsic", "grounded", "soar-pq", "soar-ps", "sb3",
+             "alp-gmm")
 KS = (1, 4, 8, 16, 32)
 
 PAPER_SETTINGS = "MATH fail@128 hard test (360 problems), Llama-3.2-3B-Instruct, 200 teacher steps, 6-12 seeds"
@@ -49,7 +51,7 @@ class BenchConfig:
     preset: str = "cpu"
     """Env and teacher preset: tiny (seconds), cpu (SmolLM2-135M on a laptop CPU) or paper."""
     methods: str = ",".join(METHODS)
-    """Comma-separated methods: base-student, hard-only, base, random, intrinsic, soar, sb3."""
+    """Comma-separated methods: base-student, hard-only, base, random, intrinsic, soar, sb3, alp-gmm."""
     seeds: int = 3
     """Seeds per method (seed s also seeds the env, the teacher and the fresh students)."""
     first_seed: int = 0

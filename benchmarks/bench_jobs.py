@@ -150,13 +150,13 @@ def run_job(bench: BenchConfig, method: str, seed: int) -> dict[str, Any]:
         teacher_info = run["info"]
         extra = {"meta": teacher_info["compute"]}
         synthetic = run["sampled"][: bench.synthetic_problems or len(run["sampled"])]
-        if method in ("soar", "sb3"):
+        if method in ("soar", "sb3", "alp-gmm"):
             pq = run["promoted"]
             note = "" if pq else "no promotion: trained on the teacher's sampled problems instead"
             result = evaluation.run_pq(config, pq or synthetic, hard_train, hard_test, settings, seed=seed,
                                        protocol="PQ")
             result.note = "; ".join(x for x in (result.note, note) if x)
-            add("soar-pq" if method == "soar" else "sb3", result, extra)
+            add("soar-pq" if method == "soar" else method, result, extra)
             if method == "soar":
                 student = run["student"] or build_student(config)
                 add("soar-ps", evaluation.run_ps(student, run["states"], hard_train, hard_test, settings, seed=seed,

@@ -23,6 +23,8 @@ For each seed and method:
    questions; with no promotion its sampled problems, noted), ``SOAR PS`` (best promoted
    student) and ``Grounded-T`` (problems sampled from the trained teacher, as 3).
 6. ``sb3``: the stable-baselines3 PPO curriculum teacher, meta-trained, then like SOAR PQ.
+7. ``alp-gmm``: the ALP-GMM curriculum teacher over the generator space (absolute learning
+   progress on the grounded reward), meta-trained, then like SOAR PQ.
 
 Every method is tested on the same hard-test problems with ``samples`` sampled solutions each.
 Writes ``results.json``, ``results.md`` (paper-style table; the paper's MATH numbers beside

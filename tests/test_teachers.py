@@ -22,6 +22,7 @@ import torch
 
 import soar_env  # noqa: F401 - registers the env ids
 from agents import (
+    ALPGMMTeacher,
     BaseTeacher,
     HardOnlyTeacher,
     IntrinsicTeacher,
@@ -67,6 +68,7 @@ TEACHERS = {
     "hard-only": lambda: HardOnlyTeacher(seed=0),
     "my-teacher": lambda: MyTeacher(seed=0),
     "sb3": lambda: SB3Teacher(n_steps=2, seed=0),
+    "alp-gmm": lambda: ALPGMMTeacher(fit_every=2, bootstrap=2, seed=0),
     "base": lambda: BaseTeacher(tiny_config()),
     "rloo": lambda: RLOOTeacher(tiny_config()),
 }
@@ -104,7 +106,7 @@ def test_every_teacher_proposes_g_batches_of_valid_problems(name):
     for batch in batches:
         assert 1 <= len(batch) <= 4
         assert all(isinstance(to_problem(entry), Problem) for entry in batch)
-    if name in ("random", "hard-only", "my-teacher", "sb3"):
+    if name in ("random", "hard-only", "my-teacher", "sb3", "alp-gmm"):
         assert all(len(batch) == 4 for batch in batches)  # no rejection possible
 
 
