@@ -97,14 +97,19 @@ class StepProgress:
     """Progress inside one env step, from the core's `ProgressEvent`s: counts and ETAs as text.
 
     Units are inner RLOO steps (``runs x inner_steps`` a step; one per run when runs only
-    evaluate). The ETAs use the mean inner-step and evaluation times seen so far in this
-    process, so the first step's estimates firm up after its first run and later steps start
-    with a good one.
+    evaluate). Runs may be under way one at a time (``LocalRunner``) or all together
+    (``batch_runs``: every inner step advances each of them); the counts and ETAs hold for both.
+    The ETAs use the mean time per unit and per evaluation seen so far in this process (a
+    batched step's time is shared among its runs), so the first step's estimates firm up after
+    its first inner step and later steps start with a good one.
     """
 
     def __init__(self) -> None:
-        self.runs = self.inner_steps = self.runs_done = self.inner_step = 0
-        self.run = -1
+        self.runs = self.inner_steps = self.runs_done = 0
+        self.active: dict[int, int] = {}
+        """Runs under way (started, not ended) -> their inner steps done."""
+        self.evaluating: set[int] = set()
+        """Runs under way that are in their Q_R evaluation."""
         self.phase = "idle"
         self._inner_seconds: list[float] = []
         self._eval_seconds: list[float] = []
@@ -115,28 +120,37 @@ class StepProgress:
         return self.runs * max(self.inner_steps, 1)
 
     @property
+    def inner_step(self) -> int:
+        """Inner steps done by the least advanced run under way (0 when none is)."""
+        return min(self.active.values(), default=0)
+
+    @property
     def done(self) -> int:
-        """Units finished: whole runs, plus the inner steps of the run under way."""
-        return self.runs_done * max(self.inner_steps, 1) + (self.inner_step if self.phase == "train" else 0)
+        """Units finished: whole runs, plus the inner steps of the runs under way."""
+        return self.runs_done * max(self.inner_steps, 1) + sum(self.active.values())
 
     def update(self, event: Any) -> None:
         kind = event.kind
         if kind == "step_start":
-            self.runs, self.inner_steps, self.runs_done, self.inner_step = event.runs, event.inner_steps, 0, 0
-            self.phase = "baseline eval"
+            self.runs, self.inner_steps, self.runs_done = event.runs, event.inner_steps, 0
+            self.active, self.evaluating, self.phase = {}, set(), "baseline eval"
         elif kind == "run_start":
-            self.run, self.inner_step, self.phase = event.run, 0, "train"
+            self.active[event.run], self.phase = 0, "train"
         elif kind == "inner_step":
             self._inner_seconds.append(event.time - self._last)
-            self.inner_step = event.inner_step
+            self.active[event.run] = event.inner_step
         elif kind == "run_eval":
+            self.evaluating.add(event.run)
             self.phase = "Q_R eval"
         elif kind == "run_end":
-            if self.phase == "Q_R eval":
+            if event.run in self.evaluating:
                 self._eval_seconds.append(event.time - self._last)
-            self.runs_done, self.inner_step, self.phase = event.runs_done, 0, "between runs"
+            self.active.pop(event.run, None)
+            self.evaluating.discard(event.run)
+            self.runs_done = event.runs_done
+            self.phase = "train" if self.active else "between runs"
         elif kind == "step_end":
-            self.runs_done, self.phase = event.runs, "done"
+            self.runs_done, self.active, self.evaluating, self.phase = event.runs, {}, set(), "done"
         self._last = event.time
 
     def _mean(self, values: list[float]) -> float | None:
@@ -144,12 +158,13 @@ class StepProgress:
         return sum(recent) / len(recent) if recent else None
 
     def run_eta(self) -> float | None:
-        """Seconds until the run under way ends (None before there is a timing to go on)."""
+        """Seconds until the least advanced run under way ends (None before there is a timing to go on)."""
         inner, evaluation = self._mean(self._inner_seconds), self._mean(self._eval_seconds)
+        together = max(len(self.active), 1)  # runs under way advance together: each unit costs them all
         if self.phase == "train" and inner is not None:
-            return (self.inner_steps - self.inner_step) * inner + (evaluation or 0.0)
+            return (self.inner_steps - self.inner_step) * inner * together + (evaluation or 0.0) * together
         if self.phase == "Q_R eval" and evaluation is not None:
-            return evaluation
+            return evaluation * len(self.evaluating or self.active or {0})
         return None
 
     def step_eta(self) -> float | None:
@@ -157,14 +172,14 @@ class StepProgress:
         inner, evaluation = self._mean(self._inner_seconds), self._mean(self._eval_seconds)
         if self.inner_steps and inner is None:
             return None
-        per_run = (inner or 0.0) * self.inner_steps + (evaluation or 0.0)
-        current = self.run_eta() if self.phase in ("train", "Q_R eval") else None
-        started = 1 if current is not None else 0
-        return (current or 0.0) + (self.runs - self.runs_done - started) * per_run
+        units_left = self.total - self.done if self.inner_steps else 0
+        evaluations_left = self.runs - self.runs_done - (len(self.evaluating) if self.phase == "Q_R eval" else 0)
+        current_evaluations = len(self.evaluating) * (evaluation or 0.0) if self.phase == "Q_R eval" else 0.0
+        return units_left * (inner or 0.0) + evaluations_left * (evaluation or 0.0) + current_evaluations
 
     def describe(self) -> str:
-        """E.g. ``runs 3/4, inner step 2/4, run ETA 01:10, step ETA 05:40``."""
-        current = min(self.runs_done + (1 if self.phase in ("train", "Q_R eval") else 0), self.runs)
+        """E.g. ``runs 3/4, inner step 2/4, run ETA 01:10, step ETA 05:40`` (runs: started of all)."""
+        current = min(self.runs_done + len(self.active), self.runs)
         parts = [f"runs {current}/{self.runs}"]
         if self.phase == "train" and self.inner_steps:
             parts.append(f"inner step {self.inner_step}/{self.inner_steps}")

@@ -29,6 +29,8 @@ the update's ``budget_exhausted``) and warned about, at the 1st, 2nd, 4th, 8th..
 
 Log-probs of the update are taken at the sampling temperature (softmax(logits / T)), so the
 gradient is on-policy for any ``temperature``; the KL term compares policy and reference at T too.
+With ``constrain_answer`` they are also taken under each stage's token filter (log softmax over
+the tokens the filter allowed at that step), the distribution the tokens were drawn from.
 """
 
 from __future__ import annotations
@@ -91,6 +93,8 @@ class RLOOTeacher(Teacher):
             self._rng = np.random.default_rng(self._env_config.seed)
             self._seeded = True
         self._ensure_policy()
+        if self.config.constrain_answer:
+            _ = self.sampler  # builds the token filters: a tokenizer they cannot use fails here, not mid-run
         if self.learns:
             self._ensure_updater()
 
@@ -222,13 +226,15 @@ class RLOOTeacher(Teacher):
         left_out = sum(not dataset for dataset in counted)
         budget = {"budget_exhausted": float(self._pending_short > 0), "problems_short": float(self._pending_short),
                   "datasets_left_out": float(left_out)}
-        rollout, row_rewards, group_size = build_rollout(counted, rewards)
+        row_filters: list[Any] = []
+        rollout, row_rewards, group_size = build_rollout(counted, rewards, row_filters=row_filters)
         if len(rollout) == 0:
             return {"update_skipped": 1.0, **budget}
         try:
-            # Scored at the sampling temperature, so the gradient is on-policy for any T.
+            # Scored at the sampling temperature and under the sampling masks: on-policy for any T.
             stats = updater.update(self.policy, rollout, row_rewards, group_size=group_size,
-                                   temperature=self.config.temperature)
+                                   temperature=self.config.temperature,
+                                   token_filters=row_filters if any(row_filters) else None)
         except NonFiniteLossError:
             # The updater left weights and optimizer untouched; the run goes on.
             return {"update_skipped": 1.0, "nonfinite": 1.0, **budget}
@@ -297,7 +303,8 @@ def counted_drafts(datasets: Sequence[Sequence[Draft]], infos: Sequence[Mapping[
     return counted
 
 
-def build_rollout(datasets: Sequence[Sequence[Draft]], rewards: np.ndarray) -> tuple[Any, list[float], int]:
+def build_rollout(datasets: Sequence[Sequence[Draft]], rewards: np.ndarray, *,
+                  row_filters: list[Any] | None = None) -> tuple[Any, list[float], int]:
     """The teacher's RLOO batch: (rollout, row rewards, group size) such that dataset k's rows get A_k.
 
     Full proposal (every dataset the same non-zero size): groups of g rows, row k from dataset k
@@ -311,6 +318,7 @@ def build_rollout(datasets: Sequence[Sequence[Draft]], rewards: np.ndarray) -> t
 
     A draft with fewer stages than the mode (a question cut before stage 2) gets an empty row
     there, which scores no token. ``prompt_index`` is the group id: groups are what the updater checks.
+    ``row_filters``, when given a list, receives the token filter each row was sampled under (None: free).
     """
     from soar_env.models import Rollout  # lazy: the models package imports torch
 
@@ -328,6 +336,8 @@ def build_rollout(datasets: Sequence[Sequence[Draft]], rewards: np.ndarray) -> t
         rollout.texts.append(draft.text)
         rollout.stopped.append(True)
         row_rewards.append(reward)
+        if row_filters is not None:
+            row_filters.append(draft.stage_filter(stage))
 
     if g and min(sizes) > 0 and len(set(sizes)) == 1:
         for i in range(sizes[0]):

@@ -10,6 +10,11 @@ closes the question and forces ``</question>\\n<answer>\\boxed{`` before samplin
 (with ``question_ends_at_newline`` the question also ends at its first line break).
 Forced tokens are prompt, not sample: only sampled tokens get gradients, so the update stays an
 on-policy policy gradient for the distribution the teacher actually samples from.
+
+With ``constrain_answer`` both stages sample through token filters
+(`soar_env.models.constrained`): the question may open no other tag, the answer must be one of
+the benchmark's answer forms. Each draft keeps the filter of each stage, so the update scores
+its tokens under the masks they were drawn with.
 """
 
 from __future__ import annotations
@@ -41,6 +46,13 @@ class Draft:
     result: Problem | Rejection
     rows: list[tuple[list[int], list[int]]] = field(default_factory=list)
     """(prompt ids, sampled completion ids) per stage: one row, two with prefill "answer"."""
+    filters: list[Any] = field(default_factory=list)
+    """The token filter each stage was sampled under (`soar_env.models.constrained.TokenFilter`),
+    parallel to ``rows``; empty or None: sampled from the whole vocabulary."""
+
+    def stage_filter(self, stage: int) -> Any:
+        """The filter stage ``stage`` was sampled under, or None."""
+        return self.filters[stage] if stage < len(self.filters) else None
 
     @property
     def ok(self) -> bool:
@@ -81,6 +93,17 @@ class TeacherSampler:
         forced = "" if config.prefill == "none" else TEACHER_REPLY_PREFIX
         self.prefix = forced
         self.prompt = policy.chat_prompt(user, reply_prefix=forced)
+        self.question_filter: Any = None
+        self.answer_filter: Any = None
+        if config.constrain_answer:
+            # Built now: a tokenizer without a vocabulary fails at setup, not at the first step.
+            from soar_env.models.constrained import AnswerGrammar, QuestionGrammar, TokenFilter, Vocabulary
+
+            vocabulary = Vocabulary.from_tokenizer(policy.tokenizer)
+            eos = policy.eos_token_ids
+            question = QuestionGrammar(newline_ends=config.question_ends_at_newline)
+            self.question_filter = TokenFilter(vocabulary, question, eos_token_ids=eos)
+            self.answer_filter = TokenFilter(vocabulary, AnswerGrammar(), eos_token_ids=eos)
 
     def parse(self, text: str) -> Problem | Rejection:
         """The paper's checks (`parse_teacher_output`), plus a digit in the answer when configured."""
@@ -106,14 +129,18 @@ class TeacherSampler:
     def _two_stage(self, count: int, seed: int) -> list[Draft]:
         config = self.config
         stops = ["</question>", "\n"] if config.question_ends_at_newline else ["</question>"]
+        # Passed only when set, so samplers and test doubles without the argument still work unconstrained.
+        question_filter = {} if self.question_filter is None else {"token_filter": self.question_filter}
+        answer_filter = {} if self.answer_filter is None else {"token_filter": self.answer_filter}
         first = self.policy.sample([self.prompt], num_samples=count, temperature=config.temperature,
                                    max_new_tokens=config.max_new_tokens, stop=stops, seed=seed,
-                                   batch_size=config.sample_batch_size)
+                                   batch_size=config.sample_batch_size, **question_filter)
         drafts: list[Draft] = []
         second_prompts: list[str] = []
         waiting: list[int] = []
         for prompt_ids, ids, text, stopped in zip(first.prompt_ids, first.completion_ids, first.texts, first.stopped):
-            draft = Draft(self.prefix + text, Rejection("pending"), [(prompt_ids, list(ids))])
+            draft = Draft(self.prefix + text, Rejection("pending"), [(prompt_ids, list(ids))],
+                          [self.question_filter])
             question = question_part(text, newline=config.question_ends_at_newline)
             if not stopped:
                 # Cut by the token limit: the question never ended.
@@ -128,10 +155,11 @@ class TeacherSampler:
         if second_prompts:
             second = self.policy.sample(second_prompts, num_samples=1, temperature=config.temperature,
                                         max_new_tokens=config.answer_max_new_tokens, stop=["</answer>"],
-                                        seed=seed + 1, batch_size=config.sample_batch_size)
+                                        seed=seed + 1, batch_size=config.sample_batch_size, **answer_filter)
             for index, prompt_ids, ids, text in zip(waiting, second.prompt_ids, second.completion_ids, second.texts):
                 draft = drafts[index]
                 draft.rows.append((prompt_ids, list(ids)))
+                draft.filters.append(self.answer_filter)
                 question = question_part(draft.text[len(self.prefix):], newline=config.question_ends_at_newline)
                 assembled = assemble_two_stage(question, text)
                 if isinstance(assembled, Rejection):

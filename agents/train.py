@@ -69,7 +69,8 @@ class TrainConfig:
 
     teacher: str = "rloo"
     """Teacher: rloo (SOAR), random, base (untrained LLM, Base-T), intrinsic (learnability reward,
-    Intrinsic-T), hard-only, sb3 (PPO), or module:Class for your own (the current directory is importable)."""
+    Intrinsic-T), hard-only, sb3 (PPO), alp-gmm (ALP-GMM curriculum), or module:Class for your own
+    (the current directory is importable)."""
     preset: str = "cpu"
     """Settings of env and teacher: tiny (tests, seconds), cpu (embedded SmolLM2 on a laptop CPU) or paper."""
     steps: int | None = None
@@ -222,14 +223,16 @@ def plan_run(train_options: dict[str, Any], teacher_overrides: dict[str, Any],
                      if k not in RESUMABLE and saved["train"].get(k) != v]
         conflicts += [f"--teacher-{k.replace('_', '-')}" for k, v in teacher_overrides.items()
                       if k not in TEACHER_RESUMABLE and saved["teacher_config"].get(k) != v]
-        conflicts += [f"--{k.replace('_', '-')}" for k, v in env_overrides.items() if saved["env"].get(k) != v]
+        # Compared with the loaded settings: a config saved with greedy_eval loads as its reward_estimator.
+        saved_env = EnvConfig(**saved["env"]).to_dict()
+        conflicts += [f"--{k.replace('_', '-')}" for k, v in env_overrides.items() if saved_env.get(k) != v]
         if conflicts:
             raise ValueError(f"resuming {resume} with other settings than it was started with: {', '.join(conflicts)} "
                              f"(see {saved_path})")
         options = {**saved["train"], **{k: v for k, v in train_options.items() if k in RESUMABLE}}
         options["run_dir"] = str(run_dir)
         train = TrainConfig(**{k: v for k, v in options.items() if k != "resume"}, resume=str(run_dir))
-        env = make_config(EnvConfig(**saved["env"]))
+        env = make_config(EnvConfig(**saved["env"]))  # greedy_eval of older runs is read here
         current = make_teacher_config(train.preset, **{k: v for k, v in teacher_overrides.items()
                                                         if k in TEACHER_RESUMABLE})
         teacher_config = TeacherConfig(**{**saved["teacher_config"],
@@ -327,7 +330,11 @@ def _eval_sets(plan: RunPlan) -> dict[str, list[Problem]]:
 
 
 def _evaluate(student: Any, problems: list[Problem], env: EnvConfig) -> float:
-    result = student.evaluate(problems, greedy=env.greedy_eval, max_new_tokens=env.eval_tokens)
+    """Accuracy as the reward estimator answers: sampled over its k answers, else greedy (likelihood
+    generates nothing, so its runs report greedy accuracy)."""
+    sampled = env.reward_estimator == "sampled"
+    result = student.evaluate(problems, samples=env.estimator_samples if sampled else 1, greedy=not sampled,
+                              max_new_tokens=env.eval_tokens)
     return float(result.accuracy)
 
 

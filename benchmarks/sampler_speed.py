@@ -43,6 +43,7 @@ from soar_env.models import LMPolicy, LoraSettings
 from soar_env.models.decoding import SampleOptions
 from soar_env.models.decode_engines import FastDecodeSettings
 from soar_env.models.fast_decode import sample_rollout
+from soar_env.models.multi_lora import MultiLora, sample_runs
 from soar_env.models.precision import native_bf16
 from soar_env.prompts import student_prompt
 
@@ -55,6 +56,11 @@ SIDES: dict[str, FastDecodeSettings | None] = {
     "hf-loop": FastDecodeSettings(engine="hf"),
 }
 """Side name -> fast_decode settings (None: LMPolicy.sample as it is)."""
+
+RUN_SIDES = {"fp32-runs4": ("fp32", 4), "bf16-runs4": ("bf16", 4)}
+"""Sides that decode the prompts as R student runs at once, each run with its own copy of the LoRA
+adapters (`soar_env.models.multi_lora.sample_runs`, what ``batch_runs`` does in a step): R times the
+rows per decode batch. Tokens are counted over all runs; the LoRA deltas' extra flops are not."""
 
 
 def gemm_rate(dtype: torch.dtype, size: int = 2048, repeats: int = 4) -> float:
@@ -104,6 +110,8 @@ def machine() -> dict[str, Any]:
 
 def make_sampler(policy: LMPolicy, side: str, args: argparse.Namespace) -> Callable[[list[str], int], int]:
     """A function (prompts, seed) -> kept tokens for one side."""
+    if side in RUN_SIDES:
+        return make_runs_sampler(policy, *RUN_SIDES[side], args)
     settings = SIDES[side]
 
     def run(prompts: list[str], seed: int) -> int:
@@ -115,6 +123,24 @@ def make_sampler(policy: LMPolicy, side: str, args: argparse.Namespace) -> Calla
             rollout = sample_rollout(policy.model, policy.tokenizer, encoded, options,
                                      eos_token_ids=policy.eos_token_ids, settings=settings)
         return rollout.num_tokens
+
+    return run
+
+
+def make_runs_sampler(policy: LMPolicy, side: str, runs: int, args: argparse.Namespace) -> Callable[[list[str], int], int]:
+    """The prompts as ``runs`` student runs decoded together (run k seeded seed + k)."""
+    bank = MultiLora(policy, runs=runs)
+
+    def run(prompts: list[str], seed: int) -> int:
+        kept = policy.fast_decode
+        policy.fast_decode = SIDES[side]
+        try:
+            rollouts = sample_runs(policy, bank, [prompts] * runs, num_samples=args.samples,
+                                   max_new_tokens=args.max_new_tokens, seeds=[seed + k for k in range(runs)],
+                                   rows_per_batch=runs * args.batch_size)
+        finally:
+            policy.fast_decode = kept
+        return sum(r.num_tokens for r in rollouts)
 
     return run
 
@@ -131,9 +157,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.threads:
         torch.set_num_threads(args.threads)
     sides = args.sides.split(",")
-    unknown = [s for s in sides if s not in SIDES]
+    unknown = [s for s in sides if s not in SIDES and s not in RUN_SIDES]
     if unknown:
-        raise SystemExit(f"unknown sides {unknown}; choose from {list(SIDES)}")
+        raise SystemExit(f"unknown sides {unknown}; choose from {list(SIDES) + list(RUN_SIDES)}")
     info = machine()
     print("machine: " + ", ".join(f"{k}={v}" for k, v in info.items()), flush=True)
 
@@ -209,7 +235,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m-instruct", help="tiny | smollm2-135m-instruct | a local folder")
-    parser.add_argument("--sides", default="hf,fp32,bf16", help=f"comma-separated, from {', '.join(SIDES)}")
+    parser.add_argument("--sides", default="hf,fp32,bf16", help=f"comma-separated, from {', '.join([*SIDES, *RUN_SIDES])}")
     parser.add_argument("--runs", type=int, default=3, help="timed runs per side, after the warm-up")
     parser.add_argument("--warmup", type=int, default=1, help="untimed first runs per side")
     parser.add_argument("--problems", type=int, default=4, help="distinct prompts per call")

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import InitVar, dataclass
 from typing import Any
 
+from soar_env.estimators import REWARD_ESTIMATORS
 from soar_env.options import replace_checked
 
 REWARD_MODES = ("grounded", "learnability", "variance")
@@ -63,6 +64,17 @@ class EnvConfig:
     """Draw a fresh Q_R every step (paper) instead of once per episode at reset."""
     reward_mode: str = "grounded"
     """grounded (Q_R accuracy gain, SOAR), learnability (0 if s=0 else 1-s) or variance (s(1-s))."""
+    reward_estimator: str = "greedy"
+    """How the grounded reward scores a student on Q_R (trained minus baseline, mean over the r runs).
+    "greedy" (paper): accuracy of one greedy answer per problem. "sampled": success rate over
+    estimator_samples answers per problem at the temperature, the baseline and every trained student
+    drawing with the same per-problem seeds (common random numbers), sampled afresh every step.
+    "likelihood": no generation; the gain in mean per-token log-prob of each problem's reference
+    answer (as \boxed{answer}) given the student prompt, minus the same gain on a wrong answer of the
+    same form (another Q_R problem's answer), so format alone earns ~0; in nats per token. A deviation
+    from the paper unless "greedy"; see soar_env.estimators."""
+    estimator_samples: int = 4
+    """Answers per Q_R problem of the "sampled" reward estimator (finer than 1/M, at k times the cost)."""
     intrinsic_samples: int = 32
     """Student samples per question that estimate its success rate s in the intrinsic modes (paper: 32)."""
     require_parsable: bool = False
@@ -81,7 +93,9 @@ class EnvConfig:
     promotion: bool = True
     """Promote students at all; False gives the paper's 'Grounded-T without promotion' ablation."""
     promotion_threshold: float = 0.01
-    """tau: promote when the moving average of step rewards exceeds it (paper: 0.01)."""
+    """tau: promote when the moving average of step rewards exceeds it (paper: 0.01). Its scale is the
+    reward estimator's: greedy and sampled rewards are accuracy gains, likelihood rewards nats per
+    token, so presets set tau together with reward_estimator."""
     promotion_window: int = 3
     """m: steps in the moving average of step rewards; a part-filled window never promotes (paper: 3)."""
     restart_average_after_promotion: bool = True
@@ -127,9 +141,6 @@ class EnvConfig:
     """{doc:soar_env.student.StudentConfig.max_new_tokens} Paper: 1024."""
     eval_max_new_tokens: int | None = None
     """Longest student answer when measuring accuracy on Q_R (None: max_new_tokens)."""
-    greedy_eval: bool = True
-    """Measure Q_R accuracy with greedy decoding (paper); False samples one answer per problem at the
-    temperature, the baseline afresh every step with the seed that step's trained students use."""
     require_box: bool = True
     """{doc:soar_env.student.StudentConfig.require_box} Paper: True."""
     grade_timeout: float = 5.0
@@ -146,6 +157,14 @@ class EnvConfig:
     # --- system ---------------------------------------------------------------------------------
     backend: str = "local"
     """Where student runs execute: "local" (this process, one run after another) or "ray" (Ray workers)."""
+    batch_runs: bool = True
+    """Run a step's g x r student runs as one batch (soar_env.batched_runs): the rows of every run
+    decoded together, each with its own LoRA adapter over the shared frozen base, and their RLOO
+    updates in one forward/backward, each run keeping its own optimizer, clipping and skipped steps.
+    Same results as one run after another up to float round-off (tested). It needs LoRA on a
+    Llama-family student with the built-in sampler; other students (full fine-tuning, so the paper
+    preset; vLLM; scripted) run one by one. With backend "ray" each worker batches its share.
+    Measured 1.33x on a step's 4 SmolLM2 runs on 2 busy CPU cores (benchmarks/README.md section 3)."""
     ray_address: str | None = None
     """Ray cluster to join: None starts a local one (or uses the one ray.init already started),
     "auto" or "HOST:PORT" joins an existing cluster."""
@@ -178,15 +197,25 @@ class EnvConfig:
     (bfloat16 where the CPU has AVX512-BF16/AMX or the GPU has bf16, else float32). bfloat16 keeps
     fp32 weights and optimiser state, fp32 log-softmax and fp32 sampling probabilities; the
     sampler rounds its own copy of the weights. On a 2-core AVX512-BF16 CPU bf16 sampled 1.75x
-    and updated ~1.5x faster than float32; float32 stays the default until the student-learning
-    curve is shown to hold in bf16."""
+    and updated ~1.5x faster than float32, and the student-learning curve held (benchmarks/README.md
+    section 2), so the cpu preset takes "auto"; float32 stays the paper's default (no dtype stated)."""
     seed: int | None = None
     """Seed used when reset() is first called without one (None: fresh entropy)."""
+    greedy_eval: InitVar[bool | None] = None
+    """Not a setting: read only from configs saved before reward_estimator existed. False (one
+    sampled answer per problem) loads as reward_estimator="sampled" with estimator_samples=1."""
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, greedy_eval: bool | None = None) -> None:
+        if greedy_eval is not None and not greedy_eval:
+            if self.reward_estimator not in ("greedy", "sampled"):
+                raise ValueError(f"greedy_eval=False (sampled evaluation) contradicts reward_estimator="
+                                 f"{self.reward_estimator!r}")
+            if self.reward_estimator == "greedy":
+                self.reward_estimator, self.estimator_samples = "sampled", 1
         positive = ("num_datasets", "problems_per_dataset", "repeats", "eval_subset_size", "intrinsic_samples",
                     "episode_length", "promotion_window", "lora_rank", "inner_steps",
-                    "inner_steps_after_promotion", "batch_size", "group_size", "max_new_tokens")
+                    "inner_steps_after_promotion", "batch_size", "group_size", "max_new_tokens",
+                    "estimator_samples")
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -200,6 +229,8 @@ class EnvConfig:
                              f"({self.problems_per_dataset}): sampled actions would not fit")
         if self.reward_mode not in REWARD_MODES:
             raise ValueError(f"reward_mode must be one of {REWARD_MODES}, got {self.reward_mode!r}")
+        if self.reward_estimator not in REWARD_ESTIMATORS:
+            raise ValueError(f"reward_estimator must be one of {REWARD_ESTIMATORS}, got {self.reward_estimator!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
         if self.ray_workers is not None and (not isinstance(self.ray_workers, int) or self.ray_workers < 1):
@@ -278,10 +309,10 @@ PRESETS: dict[str, EnvConfig] = {
         num_datasets=2, problems_per_dataset=16, repeats=2, eval_subset_size=32, intrinsic_samples=8,
         student_model="smollm2-135m-instruct", lora=True, lora_rank=16, lora_alpha=32,
         inner_steps=4, inner_steps_after_promotion=6, batch_size=4, group_size=8,
-        learning_rate=2e-4, max_new_tokens=48, require_box=False, hardset="bundled",
+        learning_rate=2e-4, max_new_tokens=48, require_box=False, hardset="bundled", compute_dtype="auto",
     ),
     # The paper: Llama-3.2-3B-Instruct as student, full fine-tune at lr 1e-5 (the paper's rate only
-    # makes sense for all weights), greedy evaluation; point hardset at a MATH fail@128 jsonl.
+    # makes sense for all weights), the greedy reward estimator; point hardset at a MATH fail@128 jsonl.
     "paper": EnvConfig(),
 }
 """Named settings; ``make_config(name, **overrides)`` copies one and applies overrides."""
@@ -304,5 +335,8 @@ def make_config(preset: str | EnvConfig | None = DEFAULT_PRESET, **overrides: An
         base = PRESETS[preset]
     else:
         raise ValueError(f"unknown preset {preset!r}; valid presets: {', '.join(PRESETS)}")
+    if "greedy_eval" in overrides:
+        raise ValueError("greedy_eval was replaced by reward_estimator: greedy_eval=False is "
+                         "reward_estimator='sampled', estimator_samples=1 (saved configs with greedy_eval still load)")
     # Unknown names fail with a close match; replace() re-runs __post_init__, so values are checked too.
     return replace_checked(base, overrides, "EnvConfig")

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from soar_env.config import EnvConfig
+from soar_env.batched_runs import batch_unsupported, execute_runs
 from soar_env.runs import RunRecord, RunSpec, execute_run
 from soar_env.student import build_student
 
@@ -61,6 +62,7 @@ class StudentWorker:
 
     def __init__(self, config: EnvConfig, threads: int) -> None:
         torch.set_num_threads(max(1, threads))
+        self.config = config
         self.student = load_student_factory(config.ray_student_factory)(config)
         self.baseline_id: int | None = None
         self.baseline: Any = None
@@ -69,6 +71,11 @@ class StudentWorker:
         """Trained weights of this step's runs, by run index, until the env picks one."""
 
     def run(self, spec: RunSpec, baseline_id: int, baseline_box: list[Any], step: int) -> RunRecord:
+        return self.run_many((spec,), baseline_id, baseline_box, step)[0]
+
+    def run_many(self, specs: Sequence[RunSpec], baseline_id: int, baseline_box: list[Any],
+                 step: int) -> list[RunRecord]:
+        """This worker's share of a step: one batch when ``batch_runs`` and the student allow it."""
         import ray  # the optional extra: only ever imported inside a Ray worker
 
         if step != self.step:
@@ -78,12 +85,16 @@ class StudentWorker:
             self.student.promote(ray.get(baseline_box[0]))
             # Compared with trained states by `execute_run`, so read it back as the student holds it.
             self.baseline, self.baseline_id = self.student.baseline_state(), baseline_id
-        record = execute_run(self.student, spec, self.baseline)
-        if record.state is not None:
-            self.states[spec.index] = record.state
-            record.state = True  # "kept here": the driver wraps it in a RemoteState
-        record.worker = f"pid {os.getpid()}"
-        return record
+        if len(specs) > 1 and self.config.batch_runs and batch_unsupported(self.student) is None:
+            records = execute_runs(self.student, specs, self.baseline)
+        else:
+            records = [execute_run(self.student, spec, self.baseline) for spec in specs]
+        for spec, record in zip(specs, records):
+            if record.state is not None:
+                self.states[spec.index] = record.state
+                record.state = True  # "kept here": the driver wraps it in a RemoteState
+            record.worker = f"pid {os.getpid()}"
+        return records
 
     def keep_only(self, step: int, index: int | None) -> None:
         """Free every trained state of ``step`` but run ``index``'s (the one that may be promoted)."""
@@ -168,18 +179,23 @@ class RayRunner:
         self._step += 1
         records: dict[int, RunRecord] = {}
         attempts: collections.Counter[int] = collections.Counter()
-        pending = collections.deque(specs)
         idle = [w for w in self._live() if w not in self._recovering]
-        runs: dict[Any, tuple[RunSpec, int]] = {}
+        # A unit of work goes to one worker: one run, or with batch_runs a worker's share of the
+        # step (specs w, w + W, ...), which it trains as one batch; a failed share is retried whole.
+        shares = max(1, len(idle)) if self.config.batch_runs else len(specs)
+        pending = collections.deque(tuple(specs[w::shares]) for w in range(shares) if specs[w::shares])
+        runs: dict[Any, tuple[tuple[RunSpec, ...], int]] = {}
         while pending or runs:
             while pending and idle:
-                spec, worker = pending.popleft(), idle.pop(0)
-                attempts[spec.index] += 1
-                ref = self.workers[worker].run.remote(spec, baseline_id, [self._baseline_ref], self._step)
-                runs[ref] = (spec, worker)
+                unit, worker = pending.popleft(), idle.pop(0)
+                for spec in unit:
+                    attempts[spec.index] += 1
+                ref = self.workers[worker].run_many.remote(unit, baseline_id, [self._baseline_ref], self._step)
+                runs[ref] = (unit, worker)
             if not runs and not self._recovering:  # every worker was dropped: nothing can run these
-                for spec in pending:
-                    records[spec.index] = self._failed(spec, attempts[spec.index], "no Ray worker is left")
+                for unit in pending:
+                    for spec in unit:
+                        records[spec.index] = self._failed(spec, attempts[spec.index], "no Ray worker is left")
                 pending.clear()
                 break
             ready, _ = ray.wait([*runs, *self._recovering.values()], num_returns=1, timeout=RESTART_POLL_SECONDS)
@@ -192,25 +208,28 @@ class RayRunner:
                 if self._answered(worker, ref):
                     idle.append(worker)
                 continue
-            spec, worker = runs.pop(ref)
+            unit, worker = runs.pop(ref)
             try:
-                record = ray.get(ref)
+                done = ray.get(ref)
             except ray.exceptions.RayError as exc:
                 failure = _describe(exc)
-                retry = attempts[spec.index] <= self.config.ray_max_retries
-                self._events.append({"run": spec.index, "attempt": attempts[spec.index], "worker": worker,
-                                     "error": failure, "action": "retried" if retry else "gave up"})
+                retry = attempts[unit[0].index] <= self.config.ray_max_retries
+                for spec in unit:
+                    self._events.append({"run": spec.index, "attempt": attempts[spec.index], "worker": worker,
+                                         "error": failure, "action": "retried" if retry else "gave up"})
                 self._recover(worker)  # it restarts with a fresh replica; work again once it answers
                 if retry:
-                    pending.appendleft(spec)
+                    pending.appendleft(unit)
                 else:
-                    records[spec.index] = self._failed(spec, attempts[spec.index], failure)
+                    for spec in unit:
+                        records[spec.index] = self._failed(spec, attempts[spec.index], failure)
                 continue
             idle.append(worker)
-            record.attempts = attempts[spec.index]
-            if record.state is True:
-                record.state = RemoteState(self, spec, worker, self._step)
-            records[spec.index] = record
+            for spec, record in zip(unit, done):
+                record.attempts = attempts[spec.index]
+                if record.state is True:
+                    record.state = RemoteState(self, spec, worker, self._step)
+                records[spec.index] = record
         return [records[spec.index] for spec in specs]
 
     def keep_only(self, keep: Any) -> None:

@@ -1,7 +1,9 @@
 """Teacher rewards and the promotion rule, as plain functions testable without a model.
 
-SOAR rewards a dataset by what it *did* to the student: the greedy accuracy gain on a
-subset Q_R of hard problems, averaged over r independent inner trainings. The intrinsic
+SOAR rewards a dataset by what it *did* to the student: the gain on a subset Q_R of hard
+problems, averaged over r independent inner trainings. The gain of one run is an estimator's
+(`soar_env.estimators.estimate`): the paper's greedy accuracy gain, a sampled success-rate gain,
+or a likelihood contrast; `run_mean` averages the runs whatever the estimator. The intrinsic
 modes score a dataset by how the current student does on the dataset's own questions (a
 success rate s per question, from sampled answers), as the paper's Intrinsic-T baseline.
 
@@ -23,6 +25,13 @@ def grounded_reward(trained_accuracy: Sequence[float], baseline_accuracy: float)
     if len(trained_accuracy) == 0:
         raise ValueError("grounded_reward needs at least one trained run")
     return float(np.mean(np.asarray(trained_accuracy, dtype=np.float64) - float(baseline_accuracy)))
+
+
+def run_mean(run_rewards: Sequence[float]) -> float:
+    """A dataset's grounded reward: the mean over its r inner runs of each run's estimated gain."""
+    if len(run_rewards) == 0:
+        raise ValueError("a grounded reward needs at least one trained run")
+    return float(np.mean(np.asarray(run_rewards, dtype=np.float64)))
 
 
 def learnability(success_rate: float) -> float:

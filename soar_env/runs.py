@@ -20,6 +20,7 @@ from typing import Any, Literal, Protocol
 
 import torch
 
+from soar_env.estimators import QRScores, score_qr
 from soar_env.problems import Problem
 
 
@@ -41,12 +42,21 @@ class RunSpec:
     """Seeds the inner run's problem order and sampling, and a sampled evaluation."""
     eval_problems: tuple[Problem, ...]
     eval_samples: int = 1
-    greedy: bool = True
+    """Answers per problem of a sampled evaluation."""
+    estimator: str = "greedy"
+    """How the run's student is scored on ``eval_problems`` (`soar_env.estimators.score_qr`): "greedy",
+    "sampled" (also the intrinsic modes' sampling of the teacher's own problems) or "likelihood"."""
     eval_tokens: int = 1024
     eval_seed: int | None = None
     """Seed of a sampled evaluation instead of ``seed``: the step's seed that the baseline was
     evaluated with on the same problems (common random numbers), so a run that left the weights
     unchanged answers exactly as the baseline did and is not evaluated again."""
+
+    @property
+    def deterministic_eval(self) -> bool:
+        """Whether the scores depend only on the weights (greedy, likelihood, or sampling with the
+        step's seed): then a run that left the baseline's weights scores what the baseline scored."""
+        return self.estimator != "sampled" or self.eval_seed is not None
 
 
 @dataclass
@@ -56,8 +66,9 @@ class RunRecord:
     index: int
     train_rewards: list[float] = field(default_factory=list)
     """Mean training reward at each inner step."""
-    correct: list[int] | None = None
-    """Correct samples per evaluation problem; None when the run left the weights unchanged or failed."""
+    scores: QRScores | None = None
+    """The trained student's outputs on the evaluation problems; None when the run left the weights
+    unchanged (its scores are the baseline's) or failed."""
     tokens: int = 0
     train_seconds: float = 0.0
     eval_seconds: float = 0.0
@@ -68,6 +79,11 @@ class RunRecord:
     attempts: int = 1
     """Executions this record took (more than 1 after a worker failure was retried)."""
     worker: str = "local"
+
+    @property
+    def correct(self) -> list[int] | None:
+        """Correct samples per evaluation problem (greedy, sampled); None as for ``scores``."""
+        return None if self.scores is None else self.scores.correct
 
 
 ProgressKind = Literal["step_start", "run_start", "inner_step", "run_eval", "run_end", "step_end"]
@@ -151,9 +167,9 @@ def execute_run(student: Any, spec: RunSpec, baseline: Any,
     student whose ``train`` takes ``on_step``, as `Student` does) and ``"run_eval"`` before
     the evaluation.
 
-    A failed run (no state) or one whose every update was skipped (state equal to the baseline)
-    is not evaluated under greedy decoding, nor when sampling with the baseline's ``eval_seed``:
-    its answers are the baseline's, which the caller holds, so ``correct`` stays None and the
+    A failed run (no state) is not scored; nor is one whose every update was skipped (state
+    equal to the baseline) when its scores are deterministic (`RunSpec.deterministic_eval`):
+    they are the baseline's, which the caller holds, so ``scores`` stays None and the
     evaluation costs nothing.
     """
     record = RunRecord(index=spec.index)
@@ -170,19 +186,18 @@ def execute_run(student: Any, spec: RunSpec, baseline: Any,
         state = getattr(trained, "state", None)
         if getattr(trained, "error", None):
             record.error = str(trained.error)
-        answers_known = spec.greedy or spec.eval_seed is not None  # deterministic given the weights
-        if state is None or (answers_known and same_state(state, baseline)):
+        if state is None or (spec.deterministic_eval and same_state(state, baseline)):
             record.train_seconds = time.perf_counter() - t0
             return record
     if on_event is not None:
         on_event("run_eval", spec.steps)
     t1 = time.perf_counter()
     record.train_seconds = t1 - t0
-    evaluation = student.evaluate(list(spec.eval_problems), samples=spec.eval_samples, greedy=spec.greedy,
-                                  state=state, max_new_tokens=spec.eval_tokens,
-                                  seed=spec.seed if spec.eval_seed is None else spec.eval_seed)
-    record.correct = [int(c) for c in evaluation.correct]
-    record.tokens += int(getattr(evaluation, "tokens", 0) or 0)
+    scores = score_qr(student, list(spec.eval_problems), spec.estimator, samples=spec.eval_samples,
+                      max_new_tokens=spec.eval_tokens, seed=spec.seed if spec.eval_seed is None else spec.eval_seed,
+                      state=state)
+    record.scores = scores
+    record.tokens += scores.tokens
     record.eval_seconds = time.perf_counter() - t1
     record.state = state
     return record

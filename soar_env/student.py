@@ -25,10 +25,10 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol, Sequence
 import torch
 
 from soar_env.config import KL_REFERENCES, EnvConfig
-from soar_env.metrics import mean_pass_at_k
 from soar_env.problems import Problem, Rejection, to_problem
 from soar_env.prompts import student_prompt
 from soar_env.rl.rloo import NonFiniteLossError, RLOOConfig, RLOOUpdater
+from soar_env.student_results import AnswerLogprobs, EvalResult, TrainResult
 from soar_env.verify import grade_many
 
 if TYPE_CHECKING:
@@ -110,60 +110,6 @@ class StudentConfig:
             loss_normalization=self.loss_normalization,
             micro_batch_size=self.micro_batch_size,
         )
-
-
-@dataclass
-class TrainResult:
-    """What one inner run did. ``state`` is the trained copy; the baseline is never changed."""
-
-    steps_done: int
-    """RLOO steps completed (skipped zero-advantage updates included)."""
-    rewards: list[float] = field(default_factory=list)
-    """Mean training reward (fraction of correct samples) at each step."""
-    tokens: int = 0
-    """Completion tokens sampled over the run."""
-    seconds: float = 0.0
-    """Wall-clock time of the run."""
-    num_problems: int = 0
-    """Problems that passed validation and were trained on."""
-    skipped: list[tuple[int, Rejection]] = field(default_factory=list)
-    """(index in the input, reason) for every input entry that was not a usable problem."""
-    error: str | None = None
-    """None on success; otherwise why the run stopped (non-finite loss, no valid problems)."""
-    state: State | None = None
-    """Trainable state after training; None when the run failed (evaluate it as the baseline)."""
-    stats: list[dict[str, float]] = field(default_factory=list)
-    """Per-step updater statistics plus sampling/grading timings."""
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None
-
-
-@dataclass
-class EvalResult:
-    """Per-problem correctness of one evaluation."""
-
-    correct: list[int]
-    """Correct samples per problem, in input order."""
-    samples: int
-    """Samples per problem."""
-    statuses: dict[str, int] = field(default_factory=dict)
-    """How many responses got each grade status (see ``verify.GRADE_STATUSES``)."""
-    tokens: int = 0
-    """Completion tokens generated."""
-    seconds: float = 0.0
-    """Wall-clock time of the evaluation."""
-
-    @property
-    def accuracy(self) -> float:
-        """Fraction of correct samples over all problems (0.0 for no problems)."""
-        total = len(self.correct) * self.samples
-        return sum(self.correct) / total if total else 0.0
-
-    def pass_at_k(self, ks: Sequence[int] = (1, 4, 8, 16, 32)) -> dict[int, float]:
-        """Mean unbiased pass@k over the problems, for each k <= samples."""
-        return mean_pass_at_k(self.correct, self.samples, ks)
 
 
 def inner_steps_for(promotions: int, steps: int, steps_after_promotion: int) -> int:
@@ -416,6 +362,37 @@ class Student:
             seconds=time.perf_counter() - start,
         )
 
+    def answer_logprobs(self, problems: Sequence[Problem], answers: Sequence[str], *,
+                        state: State | None = None) -> AnswerLogprobs:
+        """Mean log-prob per token of each ``answers[i]`` as the reply to ``problems[i]``'s student
+        prompt, for the baseline or ``state`` (loaded, then undone): teacher-forced, no generation.
+
+        One batched ``policy.token_logprobs`` call without gradients, at temperature 1 (the model's
+        own distribution); each distinct prompt is run once, however many answers it is paired with.
+        """
+        if len(problems) != len(answers):
+            raise ValueError(f"{len(problems)} problems for {len(answers)} answers")
+        start = time.perf_counter()
+        if not problems:
+            return AnswerLogprobs([])
+        prompt_ids = [self.policy.encode(prompt) for prompt in self._prompts(problems)]
+        answer_ids = [self.policy.encode(answer) for answer in answers]
+        if any(not ids for ids in answer_ids):
+            raise ValueError("an answer with no tokens has no log-probability")
+        if state is not None:
+            self.policy.load_state_dict_trainable(state)
+        try:
+            with torch.no_grad():
+                logprobs, mask = self.policy.token_logprobs(prompt_ids, answer_ids,
+                                                            micro_batch_size=self.config.sample_batch_size)
+        finally:
+            if state is not None:
+                self.reset()
+        counts = mask.sum(dim=1)  # (B,) answer tokens per row
+        means = (logprobs.double() * mask).sum(dim=1) / counts
+        return AnswerLogprobs([float(x) for x in means.tolist()], tokens=int(counts.sum()),
+                              seconds=time.perf_counter() - start)
+
 
 # ---------------------------------------------------------------------------------------------
 # What the environments need from a student, and the student a config names
@@ -426,7 +403,8 @@ class StudentLike(Protocol):
     """The part of `Student` the environments use; `soar_env.envs.testing.ScriptedStudent` is another.
 
     The env passes every run's step count explicitly, so a student needs no promotion
-    counter of its own to serve an env.
+    counter of its own to serve an env. Only ``reward_estimator="likelihood"`` calls
+    ``answer_logprobs`` (an `AnswerLogprobs`, or a plain list of mean log-probs per answer).
     """
 
     def train(self, problems: Sequence[Problem], steps: int | None = None, batch_size: int | None = None,
@@ -434,6 +412,8 @@ class StudentLike(Protocol):
 
     def evaluate(self, problems: Sequence[Problem], *, samples: int = 1, greedy: bool = True,
                  state: Any = None, max_new_tokens: int | None = None, seed: int | None = None) -> Any: ...
+
+    def answer_logprobs(self, problems: Sequence[Problem], answers: Sequence[str], *, state: Any = None) -> Any: ...
 
     def promote(self, state: Any) -> None: ...
 
@@ -480,6 +460,7 @@ def build_student(config: EnvConfig) -> Student:
 
 
 __all__ = [
+    "AnswerLogprobs",
     "EvalResult",
     "State",
     "Student",

@@ -48,7 +48,7 @@ def test_paper_preset_has_the_paper_numbers():
     assert (c.promotion_threshold, c.promotion_window) == (0.01, 3)
     assert (c.inner_steps, c.inner_steps_after_promotion, c.batch_size, c.group_size) == (10, 15, 8, 32)
     assert (c.learning_rate, c.kl_coef, c.temperature, c.max_new_tokens) == (1e-5, 1e-3, 1.0, 1024)
-    assert c.greedy_eval and c.require_box and c.reward_mode == "grounded" and c.intrinsic_samples == 32
+    assert c.reward_estimator == "greedy" and c.require_box and c.reward_mode == "grounded" and c.intrinsic_samples == 32
     assert c.student_model == "meta-llama/Llama-3.2-3B-Instruct" and c.episode_length == 200
     assert PRESETS["cpu"].student_model == "smollm2-135m-instruct" and not PRESETS["cpu"].require_box
     assert PRESETS["cpu"].hardset == "bundled" and PRESETS["tiny"].student_model == "tiny"

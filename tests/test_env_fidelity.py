@@ -1,4 +1,4 @@
-"""Issue 15, env side: sampled evaluation of Q_R (item 3), the reward of an empty dataset
+"""Issue 15, env side: sampled evaluation of Q_R (item 3, now reward_estimator="sampled" with one sample), the reward of an empty dataset
 (item 4) and the inner loop's open settings reachable from EnvConfig (item 8).
 
     python -m pytest tests/test_env_fidelity.py -q
@@ -51,8 +51,8 @@ class SampledStudent(ScriptedStudent):
 
 def sampled_env(gains=(0.0,), **overrides) -> tuple[SOARMathEnv, SampledStudent]:
     student = SampledStudent(POOL, gains=gains, skill=0.5)
-    settings = {"eval_subset_size": 10, "repeats": 2, "problems_per_dataset": 2, "greedy_eval": False,
-                "promotion": False, **overrides}
+    settings = {"eval_subset_size": 10, "repeats": 2, "problems_per_dataset": 2, "reward_estimator": "sampled",
+                "estimator_samples": 1, "promotion": False, **overrides}
     return SOARMathEnv("tiny", student=student, hard_pool=POOL, **settings), student
 
 

@@ -51,18 +51,6 @@ def tiny():
     return build_tiny_model(seed=0)
 
 
-@pytest.fixture(scope="module")
-def lora_policy() -> LMPolicy:
-    """A LoRA policy whose adapters are far from zero, so sampling with and without them differs."""
-    model, tokenizer = build_tiny_model(seed=1)
-    policy = LMPolicy(model, tokenizer, lora=LoraSettings(r=4, alpha=8))
-    generator = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for p in policy.trainable_parameters():
-            p.add_(torch.randn(p.shape, generator=generator) * 0.3)
-    return policy
-
-
 # ----------------------------------------------------------------------------------------------
 # greedy against generate
 

@@ -85,3 +85,35 @@ def test_step_progress_counts_and_etas():
     assert state.describe().startswith("runs 2/2, inner step 0/2, run ETA 00:25")
     send("step_end", runs_done=2)
     assert state.done == 4
+
+
+def test_step_progress_of_runs_batched_together():
+    """batch_runs: every run starts at once and each batched inner step advances them all."""
+    state = StepProgress()
+    t = 0.0
+
+    def send(kind, **fields):
+        state.update(ProgressEvent(kind, runs=2, inner_steps=2, time=t, **fields))
+
+    send("step_start")
+    for run in (0, 1):
+        send("run_start", run=run)
+    assert state.describe() == "runs 2/2, inner step 0/2"
+    t = 20.0  # one batched inner step of both runs: 20 s, 10 s a unit
+    send("inner_step", run=0, inner_step=1)
+    send("inner_step", run=1, inner_step=1)
+    assert state.done == 2 and state.inner_step == 1
+    # The least advanced run needs one more batched step (20 s); the step has 2 units left (20 s).
+    assert state.describe() == "runs 2/2, inner step 1/2, run ETA 00:20, step ETA 00:20"
+    t = 40.0
+    send("inner_step", run=0, inner_step=2)
+    send("inner_step", run=1, inner_step=2)
+    for run in (0, 1):
+        send("run_eval", run=run, inner_step=2)
+    t = 50.0  # the batched evaluation of both: 5 s a run
+    send("run_end", run=0, inner_step=2, runs_done=1)
+    send("run_end", run=1, inner_step=2, runs_done=2)
+    assert state.done == 4 and state.phase == "between runs"
+    assert state._mean(state._eval_seconds) == pytest.approx(5.0)
+    send("step_end", runs_done=2)
+    assert state.done == 4

@@ -15,7 +15,8 @@ from soar_env.envs.vector import SOARMathVectorEnv
 ray = pytest.importorskip("ray")
 
 # Promote at every step, so the remote-weights fetch and the promoted baseline are compared too.
-SETTINGS = dict(num_envs=2, repeats=2, promotion_window=1, promotion_threshold=-1.0, inner_steps=2)
+# One run after another (batch_runs=False): the comparisons below are bitwise.
+SETTINGS = dict(num_envs=2, repeats=2, promotion_window=1, promotion_threshold=-1.0, inner_steps=2, batch_runs=False)
 STEPS = 2
 
 
@@ -32,7 +33,7 @@ def local_cluster():
 
 def rollout(**overrides) -> dict:
     """STEPS vector steps on the tiny preset with fixed actions; everything the teacher would see."""
-    envs = SOARMathVectorEnv(preset="tiny", **SETTINGS, **overrides)
+    envs = SOARMathVectorEnv(preset="tiny", **{**SETTINGS, **overrides})
     envs.reset(seed=3)
     envs.action_space.seed(11)
     out = {"rewards": [], "train_rewards": [], "trained_correct": [], "events": [], "errors": [], "retried": []}
@@ -74,6 +75,18 @@ def test_two_ray_workers_give_the_in_process_results(local_run):
     assert remote["events"] == [] and all(not e for step in remote["errors"] for e in step)
     # The runs did learn something, so the comparison is not between two untouched students.
     assert any(r for step in local_run["train_rewards"] for runs in step for r in runs)
+
+
+def test_each_ray_worker_batches_its_share_and_matches_the_sequential_runs(local_run):
+    """batch_runs on Ray: each of the 2 workers trains its 2 runs as one batch (soar_env.batched_runs);
+    the transitions equal one-run-at-a-time in-process ones, the weights up to float round-off."""
+    remote = rollout(backend="ray", ray_workers=2, batch_runs=True)
+    assert remote["runner"] == "RayRunner" and remote["events"] == []
+    for key in ("rewards", "train_rewards", "trained_correct"):
+        assert remote[key] == local_run[key], key
+    assert remote["promotions"] == local_run["promotions"] == STEPS
+    for name, tensor in local_run["baseline"].items():
+        torch.testing.assert_close(remote["baseline"][name], tensor, atol=2e-5, rtol=1e-4, msg=name)
 
 
 def test_a_killed_worker_is_retried_and_the_step_completes(local_run, tmp_path, monkeypatch):

@@ -165,12 +165,18 @@ def test_a_resumed_run_from_before_micro_batching_updates_in_micro_batches(tmp_p
     assert resumed.teacher_config.lr == 0.123  # every other saved setting is kept
 
 
-def test_the_progress_bar_moves_inside_a_step(tmp_path, capsys):
+@pytest.mark.parametrize("batched", [False, True])
+def test_the_progress_bar_moves_inside_a_step(tmp_path, capsys, batched):
     code = cli.main(["train", "--teacher", "random", "--preset", "tiny", "--steps", "1", "--run-dir",
-                     str(tmp_path / "run"), "--threads", "1", "--eval-train-size", "3", "--inner-steps", "2"])
+                     str(tmp_path / "run"), "--threads", "1", "--eval-train-size", "3", "--inner-steps", "2",
+                     "--batch-runs" if batched else "--no-batch-runs"])
     assert code == 0
     err = capsys.readouterr().err
-    # The nested student bar of the tiny preset's g x r = 2 x 2 runs: baseline, then each inner RLOO step.
+    # The nested student bar of the tiny preset's g x r = 2 x 2 runs: baseline, then each inner RLOO step,
+    # run after run, or all four runs at once when they are batched.
     assert "student" in err and "baseline eval" in err
-    assert "runs 1/4, inner step 1/2" in err and "runs 4/4, inner step 2/2" in err
+    if batched:
+        assert "4/8, runs 4/4, inner step 1/2" in err and "8/8, runs 4/4, inner step 2/2" in err
+    else:
+        assert "runs 1/4, inner step 1/2" in err and "runs 4/4, inner step 2/2" in err
     assert "8/8" in err and "run ETA" in err and "step ETA" in err

@@ -44,7 +44,14 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def changed_settings(saved: Mapping[str, Any], current: EnvConfig) -> dict[str, tuple[Any, Any]]:
-    """``{setting: (saved value, current value)}`` for every setting that differs."""
+    """``{setting: (saved value, current value)}`` for every setting that differs.
+
+    The saved settings are read through ``EnvConfig`` first, so a setting that was renamed or
+    added since (``greedy_eval`` -> ``reward_estimator``) compares by what it means."""
+    try:
+        saved = EnvConfig(**saved).to_dict()
+    except (TypeError, ValueError):  # settings this version does not know: compare them as written
+        pass
     now = current.to_dict()
     return {key: (saved.get(key), now.get(key)) for key in sorted(saved.keys() | now.keys())
             if saved.get(key, _ABSENT) != now.get(key, _ABSENT)}

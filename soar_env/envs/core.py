@@ -7,8 +7,9 @@
     core.maybe_promote(result.reward, result.median_state, problems)
     core.next_step(np_random)                        # Q_R (and sampling seed) of the next step
 
-It holds the student, the hard pool and Q_R, the cached baseline evaluation, the inner runs,
-the promotion rule and the promoted-questions buffer PQ. One core serves one single env, or
+It holds the student, the hard pool and Q_R, the baseline's scores on Q_R (computed once,
+`soar_env.envs.baseline`), the inner runs and their rewards (``reward_estimator``,
+`soar_env.estimators`), the promotion rule and the promoted-questions buffer PQ. One core serves one single env, or
 all g datasets of a vector env (that is how they share one baseline, one Q_R per step and
 one baseline evaluation).
 """
@@ -24,10 +25,13 @@ import numpy as np
 
 from soar_env.config import EnvConfig
 from soar_env.data.hardset import load_hard_pool
+from soar_env.envs.baseline import BaselineScores
 from soar_env.envs.results import DatasetResult, StepTimings
+from soar_env.estimators import QRScores, estimate, qr_level
 from soar_env.problems import Problem, Rejection, to_problem
+from soar_env.batched_runs import BatchedLocalRunner
 from soar_env.ray_backend import RayRunner
-from soar_env.rewards import PromotionTracker, grounded_reward, intrinsic_reward, median_run
+from soar_env.rewards import PromotionTracker, intrinsic_reward, median_run, run_mean
 from soar_env.runs import LocalRunner, ProgressEvent, ProgressFn, RunRecord, RunSpec, StudentRunner
 from soar_env.student import StudentLike, build_student, inner_steps_for
 
@@ -53,13 +57,12 @@ class SOARCore:
         self.state_id = 0
         """0 is the episode-start student; each promotion gets a new id (for the cache)."""
         self._next_state_id = 1
-        self._baseline_cache: dict[int, dict[str, int]] = {}
-        """Greedy answers only: (state id -> problem id -> correct), deterministic so kept across steps."""
+        self.baseline_scores_cache = BaselineScores(config.reward_estimator, config.estimator_samples,
+                                                    config.eval_tokens)
+        """The baseline's scores on Q_R: greedy answers per state, others for the current step."""
         self.eval_seed: int | None = None
-        """Sampled evaluation (greedy_eval False): this step's seed, shared by the baseline's and every
-        trained student's evaluation of Q_R (common random numbers); None under greedy decoding."""
-        self._sampled_baseline: tuple[tuple[Any, ...], list[int]] | None = None
-        """Sampled evaluation: ((state id, seed, Q_R ids), correct) of the step's one baseline draw."""
+        """The sampled estimator's seed of this step, shared by the baseline's and every trained
+        student's answers on Q_R (common random numbers); None for the other estimators."""
         self._runner: StudentRunner | None = None
         self.promotion_errors: list[str] = []
         """Promotions the rule fired but that could not happen (the run's weights were lost)."""
@@ -105,8 +108,7 @@ class SOARCore:
             student.promote(self._initial_state)
         self._baseline_tensors = self._initial_state
         self.state_id = 0
-        # Only the episode-start cache stays useful across episodes.
-        self._baseline_cache = {0: self._baseline_cache.get(0, {})}
+        self.baseline_scores_cache.keep_episode_start()
         self.promotions = 0
         self.promoted_questions = []
         self.tracker.clear()
@@ -121,66 +123,50 @@ class SOARCore:
         self._draw_eval_seed(rng)
 
     def next_step(self, rng: np.random.Generator) -> None:
-        """What the next step is measured with: a fresh Q_R (``resample_eval_subset``) and, for
-        sampled evaluation, a fresh seed, so no sampled answer is reused from one step to the next."""
+        """What the next step is measured with: a fresh Q_R (``resample_eval_subset``) and, for the
+        sampled estimator, a fresh seed, so no sampled answer is reused from one step to the next."""
         if self.config.resample_eval_subset:
             self.draw_eval_subset(rng)
         else:
             self._draw_eval_seed(rng)
 
     def _draw_eval_seed(self, rng: np.random.Generator) -> None:
-        # Greedy decoding needs no seed; drawing none keeps greedy runs' random streams as they were.
-        self.eval_seed = None if self.config.greedy_eval else int(rng.integers(2**31 - 1))
+        # Only sampling needs a seed; drawing none keeps the other estimators' random streams as they were.
+        sampled = self.config.reward_estimator == "sampled"
+        self.eval_seed = int(rng.integers(2**31 - 1)) if sampled else None
 
-    def baseline_correct(self) -> tuple[list[int], StepTimings]:
-        """Baseline's correct answers per Q_R problem, evaluating only what the cache lacks.
+    @property
+    def _baseline_cache(self) -> dict[int, dict[str, int]]:
+        """The greedy answers kept per student state (state id -> problem id -> correct)."""
+        return self.baseline_scores_cache.greedy
 
-        Greedy answers of one state never change, so each (state, problem) is evaluated once
-        per state: the g datasets of a step, and later steps re-drawing a problem, reuse it.
-        A sampled answer is one draw: it is evaluated afresh each step, with the step's
-        ``eval_seed``, and shared only by the calls of that step.
-        """
-        if not self.config.greedy_eval:
-            return self._sampled_baseline_correct()
-        cache = self._baseline_cache.setdefault(self.state_id, {})
-        missing = [p for p in self.eval_subset if p.id not in cache]
-        start = time.perf_counter()
-        if missing:
-            result = self.student.evaluate(missing, greedy=self.config.greedy_eval,
-                                           max_new_tokens=self.config.eval_tokens)
-            for problem, correct in zip(missing, result.correct):
-                cache[problem.id] = int(correct)
-        timings = StepTimings(baseline_eval=time.perf_counter() - start,
-                              baseline_cache_hits=len(self.eval_subset) - len(missing))
-        return [cache[p.id] for p in self.eval_subset], timings
+    def baseline_scores(self) -> tuple[QRScores, StepTimings]:
+        """The baseline's scores on Q_R under ``reward_estimator``, computed only when not known
+        (see `soar_env.envs.baseline`): the g datasets of a step share them."""
+        return self.baseline_scores_cache.get(self.student, self.state_id, self.eval_subset, self.eval_seed)
 
-    def _sampled_baseline_correct(self) -> tuple[list[int], StepTimings]:
-        key = (self.state_id, self.eval_seed, tuple(p.id for p in self.eval_subset))
-        start = time.perf_counter()
-        hit = self._sampled_baseline is not None and self._sampled_baseline[0] == key
-        if hit:
-            correct = list(self._sampled_baseline[1])  # type: ignore[index]
-        else:
-            result = self.student.evaluate(self.eval_subset, greedy=False, max_new_tokens=self.config.eval_tokens,
-                                           seed=self.eval_seed)
-            correct = [int(c) for c in result.correct]
-            self._sampled_baseline = (key, list(correct))
-        timings = StepTimings(baseline_eval=time.perf_counter() - start,
-                              baseline_cache_hits=len(self.eval_subset) if hit else 0)
-        return correct, timings
+    def baseline_info(self) -> dict[str, Any]:
+        """The step's estimator and the baseline's raw scores on Q_R, for ``info``."""
+        scores = self.baseline_scores()[0]
+        return {"reward_estimator": self.config.reward_estimator, "baseline_correct": list(scores.correct),
+                "baseline_answer_logprob": list(scores.answer_logprob),
+                "baseline_decoy_logprob": list(scores.decoy_logprob)}
 
     def invalid_reward(self) -> float:
         """Reward of a dataset with no valid problem: ``invalid_penalty``, or when that is None the
-        floor of this step's reward (grounded: minus the baseline's Q_R accuracy; intrinsic: 0)."""
+        floor of this step's reward (greedy and sampled: minus the baseline's Q_R accuracy; intrinsic
+        modes: 0). The likelihood estimator has no floor: 0, as for a dataset that changed nothing."""
         if self.config.invalid_penalty is not None:
             return float(self.config.invalid_penalty)
-        if self.config.reward_mode != "grounded":
+        if self.config.reward_mode != "grounded" or self.config.reward_estimator == "likelihood":
             return 0.0
         return 0.0 - self.baseline_accuracy()[0]  # 0.0 - x: no "-0.0" in logs
 
     def baseline_accuracy(self) -> tuple[float, StepTimings]:
-        correct, timings = self.baseline_correct()
-        return (float(np.mean(correct)) if correct else 0.0), timings
+        """The baseline's level on Q_R in [0, 1] (`soar_env.estimators.qr_level`): greedy accuracy,
+        sampled success rate, or the mean per-token probability of the reference answers."""
+        scores, timings = self.baseline_scores()
+        return qr_level(scores), timings
 
     # -- actions ---------------------------------------------------------------------------------
 
@@ -241,6 +227,8 @@ class SOARCore:
                                      "passed to the env would not be the one trained; set ray_student_factory "
                                      "to a 'module:function' that builds it")
                 self._runner = RayRunner(self.config)
+            elif self.config.batch_runs:
+                self._runner = BatchedLocalRunner(self.student)
             else:
                 self._runner = LocalRunner(self.student)
         return self._runner
@@ -262,7 +250,7 @@ class SOARCore:
         total_runs = len(batches) * (self.config.repeats if grounded else 1)
         inner = self.inner_steps if grounded else 0
         self._report("step_start", total_runs, inner)  # before the baseline's Q_R evaluation
-        base_correct = self.baseline_correct()[0] if grounded else []
+        base_scores = self.baseline_scores()[0] if grounded else None
         groups: list[list[RunSpec]] = []
         for problems in batches:
             groups.append(self._dataset_specs(problems, rng, first_index=sum(len(g) for g in groups)))
@@ -286,7 +274,8 @@ class SOARCore:
         results: list[DatasetResult] = []
         best = -1
         for runs in per_dataset:
-            result = self._grounded_result(runs, base_correct) if grounded else self._intrinsic_result(runs[0])
+            result = self._grounded_result(runs, base_scores) if base_scores is not None else \
+                self._intrinsic_result(runs[0])
             for run in runs:
                 run.state = None  # the median's state lives on in the result; the others go now
             # Promotion can only take the best dataset's (first argmax) median student, and g
@@ -313,25 +302,27 @@ class SOARCore:
             seeds = [int(rng.integers(2**31 - 1)) for _ in range(config.repeats)]
             return [RunSpec(index=first_index + j, problems=tuple(problems), steps=self.inner_steps,
                             batch_size=config.batch_size, group_size=config.group_size, seed=seed,
-                            eval_problems=tuple(self.eval_subset), greedy=config.greedy_eval,
-                            eval_tokens=config.eval_tokens, eval_seed=self.eval_seed)
+                            eval_problems=tuple(self.eval_subset), eval_samples=config.estimator_samples,
+                            estimator=config.reward_estimator, eval_tokens=config.eval_tokens,
+                            eval_seed=self.eval_seed)
                     for j, seed in enumerate(seeds)]
         # Intrinsic modes: the baseline samples the teacher's own problems, no training.
         return [RunSpec(index=first_index, problems=tuple(problems), steps=0, batch_size=config.batch_size,
                         group_size=config.group_size, seed=int(rng.integers(2**31 - 1)),
-                        eval_problems=tuple(problems), eval_samples=config.intrinsic_samples, greedy=False,
-                        eval_tokens=config.max_new_tokens)]
+                        eval_problems=tuple(problems), eval_samples=config.intrinsic_samples,
+                        estimator="sampled", eval_tokens=config.max_new_tokens)]
 
-    def _grounded_result(self, runs: Sequence[RunRecord], base_correct: list[int]) -> DatasetResult:
-        base_acc = float(np.mean(base_correct)) if base_correct else 0.0
-        result = DatasetResult(reward=0.0)
+    def _grounded_result(self, runs: Sequence[RunRecord], base: QRScores) -> DatasetResult:
+        estimator = self.config.reward_estimator
+        result = DatasetResult(reward=0.0, estimator=estimator)
         for run in runs:
-            # A run left at the baseline's weights (or failed) answers exactly as the baseline did.
-            correct = list(base_correct) if run.correct is None else list(run.correct)
-            accuracy = float(np.mean(correct)) if correct else 0.0
-            result.trained_correct.append(correct)
-            result.trained_accuracy.append(accuracy)
-            result.run_rewards.append(accuracy - base_acc)
+            # A run left at the baseline's weights (or failed) scores exactly as the baseline did.
+            scores = base if run.scores is None else run.scores
+            result.trained_correct.append(list(scores.correct))
+            result.trained_accuracy.append(qr_level(scores))
+            result.trained_answer_logprob.append(list(scores.answer_logprob))
+            result.trained_decoy_logprob.append(list(scores.decoy_logprob))
+            result.run_rewards.append(estimate(estimator, base, scores))
             result.train_rewards.append(list(run.train_rewards))
             result.tokens += run.tokens
             result.train_seconds += run.train_seconds
@@ -340,7 +331,7 @@ class SOARCore:
                 result.errors.append(run.error)
             if run.attempts > 1:
                 result.retried_runs += 1
-        result.reward = grounded_reward(result.trained_accuracy, base_acc)
+        result.reward = run_mean(result.run_rewards)
         result.median_index = median_run(result.run_rewards)
         result.median_state = runs[result.median_index].state
         return result
@@ -374,8 +365,7 @@ class SOARCore:
         self._student = None
         self._initial_state = None
         self._baseline_tensors = None
-        self._baseline_cache = {}
-        self._sampled_baseline = None
+        self.baseline_scores_cache.clear()
 
     # -- promotion ---------------------------------------------------------------------------------
 
@@ -428,11 +418,8 @@ class SOARCore:
             "promoted_questions": [p.to_dict() for p in self.promoted_questions],
             "tracker": self.tracker.state_dict(),
             "eval_subset": [p.to_dict() for p in self.eval_subset],
-            "baseline_cache": {k: dict(v) for k, v in self._baseline_cache.items()},
             "eval_seed": self.eval_seed,
-            "sampled_baseline": None if self._sampled_baseline is None else {
-                "key": [*self._sampled_baseline[0][:2], list(self._sampled_baseline[0][2])],
-                "correct": list(self._sampled_baseline[1])},
+            **self.baseline_scores_cache.state_dict(),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -451,16 +438,9 @@ class SOARCore:
         self.promoted_questions = [Problem.from_dict(row) for row in state["promoted_questions"]]
         self.tracker.load_state_dict(state["tracker"])
         self.eval_subset = [Problem.from_dict(row) for row in state["eval_subset"]]
-        self._baseline_cache = {int(k): {str(i): int(c) for i, c in v.items()}
-                                for k, v in state["baseline_cache"].items()}
+        self.baseline_scores_cache.load_state_dict(state)
         seed = state.get("eval_seed")  # absent in checkpoints written before sampled evaluation had seeds
         self.eval_seed = None if seed is None else int(seed)
-        sampled = state.get("sampled_baseline")
-        self._sampled_baseline = None
-        if sampled is not None:
-            state_id, seed, ids = sampled["key"]
-            key = (int(state_id), None if seed is None else int(seed), tuple(str(i) for i in ids))
-            self._sampled_baseline = (key, [int(c) for c in sampled["correct"]])
 
 
 def _snippet(value: Any, limit: int = 200) -> str:

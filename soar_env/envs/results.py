@@ -25,9 +25,9 @@ class StepTimings:
     train: float = field(default=0.0, compare=False)
     """Inner RLOO runs."""
     eval: float = field(default=0.0, compare=False)
-    """Greedy evaluation of trained students on Q_R (or intrinsic sampling)."""
+    """Scoring of trained students on Q_R (or intrinsic sampling)."""
     baseline_eval: float = field(default=0.0, compare=False)
-    """Evaluation of the baseline on problems of Q_R not yet in its cache."""
+    """Scoring of the baseline on Q_R where it was not already known."""
     baseline_cache_hits: int = field(default=0, compare=False)
     """Q_R problems whose baseline result came from the cache."""
 
@@ -40,11 +40,18 @@ class DatasetResult:
     """What one dataset did to the student: the reward and everything behind it."""
 
     reward: float
+    estimator: str = ""
+    """Grounded mode: the reward estimator behind ``run_rewards`` (`soar_env.estimators`)."""
     run_rewards: list[float] = field(default_factory=list)
-    """Grounded mode: accuracy gain of each of the r runs."""
+    """Grounded mode: the estimated gain of each of the r runs (greedy: its Q_R accuracy gain)."""
     trained_accuracy: list[float] = field(default_factory=list)
+    """Per run, the trained student's level on Q_R (`soar_env.estimators.qr_level`)."""
     trained_correct: list[list[int]] = field(default_factory=list)
-    """Per run, correct answers per Q_R problem."""
+    """Per run, correct answers per Q_R problem (greedy, sampled)."""
+    trained_answer_logprob: list[list[float]] = field(default_factory=list)
+    """Per run, mean per-token log-prob of each Q_R problem's reference answer (likelihood)."""
+    trained_decoy_logprob: list[list[float]] = field(default_factory=list)
+    """Per run, the same for each problem's decoy answer (likelihood)."""
     train_rewards: list[list[float]] = field(default_factory=list)
     """Per run, mean training reward at each inner step (the student's success on the batch)."""
     success_rates: list[float] = field(default_factory=list)
@@ -64,6 +71,8 @@ class DatasetResult:
             "run_rewards": list(self.run_rewards),
             "trained_accuracy": list(self.trained_accuracy),
             "trained_correct": [list(c) for c in self.trained_correct],
+            "trained_answer_logprob": [list(x) for x in self.trained_answer_logprob],
+            "trained_decoy_logprob": [list(x) for x in self.trained_decoy_logprob],
             "train_rewards": [list(r) for r in self.train_rewards],
             "success_rates": list(self.success_rates),
             "median_run": -1 if self.median_index is None else int(self.median_index),

@@ -39,8 +39,8 @@ class SOARMathEnv(CoreStateMixin, CheckpointMixin, gym.Env[np.ndarray, tuple[Pro
     math problems, each a question with its final answer. The environment holds a student
     language model and a set of hard problems the student cannot solve. Each step trains r
     independent copies of the current *baseline* student on the batch with RLOO (the inner
-    loop), measures their greedy accuracy on Q_R (M problems drawn from the hard train
-    split) and rewards the teacher by the mean gain over the baseline. When the moving
+    loop), measures them on Q_R (M problems drawn from the hard train split; the paper: greedy
+    accuracy) and rewards the teacher by the mean gain over the baseline. When the moving
     average of step rewards over the last m steps exceeds tau, the median of the r trained
     students becomes the new baseline and the batch joins the promoted-questions buffer PQ.
 
@@ -59,7 +59,7 @@ class SOARMathEnv(CoreStateMixin, CheckpointMixin, gym.Env[np.ndarray, tuple[Pro
 
     | index | observation | min | max |
     |---|---|---|---|
-    | 0 | baseline accuracy on the current Q_R (greedy, or see Rewards) | 0 | 1 |
+    | 0 | baseline level on the current Q_R (greedy accuracy; see Rewards) | 0 | 1 |
     | 1 | promotions so far this episode | 0 | episode_length |
     | 2 | fraction of the episode elapsed | 0 | 1 |
     | 3 | moving average of step rewards (the promotion window) | -1 | 1 |
@@ -69,23 +69,28 @@ class SOARMathEnv(CoreStateMixin, CheckpointMixin, gym.Env[np.ndarray, tuple[Pro
 
     ## Rewards
 
-    ``reward_mode="grounded"`` (SOAR): mean over the r runs of Acc(trained, Q_R) -
-    Acc(baseline, Q_R), in [-1, 1]; the paper saw -0.04 to +0.02. ``"learnability"``: from
+    ``reward_mode="grounded"`` (SOAR): mean over the r runs of the trained student's score on
+    Q_R minus the baseline's, as ``reward_estimator`` measures it (`soar_env.estimators`):
+    ``"greedy"`` (paper) Acc(trained, Q_R) - Acc(baseline, Q_R), in [-1, 1], the paper saw
+    -0.04 to +0.02; ``"sampled"`` the gain in success rate over ``estimator_samples`` answers
+    per problem, the baseline sampled afresh every step with the same seed as that step's
+    trained students (common random numbers); ``"likelihood"`` the gain in mean per-token
+    log-prob of the reference answers minus that of decoy answers (nats per token; observation
+    0 is then the mean per-token probability of the reference answers). ``"learnability"``: from
     ``intrinsic_samples`` sampled answers of the baseline per question, success rate s,
     reward mean of (0 if s = 0 else 1 - s). ``"variance"``: mean of s(1 - s). An action with no
     valid problem trains nothing and gets ``invalid_penalty``; by default (None) the least a valid
     batch could score, minus the baseline's Q_R accuracy (0 in the intrinsic modes), which keeps
     it on the scale of real rewards. The intrinsic modes and invalid actions do not move the
-    promotion window. With ``greedy_eval=False`` Q_R accuracies are one sampled answer per
-    problem: the baseline is sampled afresh every step, with the same seed as that step's
-    trained students (common random numbers).
+    promotion window. ``info`` reports the estimator and the raw scores behind each reward
+    (``baseline_correct``, ``trained_correct``, ``*_answer_logprob``, ``*_decoy_logprob``).
 
     ## Starting State
 
     ``reset`` puts back the episode-start student (the configured model, or the weights in
     ``student_checkpoint``), empties
     PQ and the promotion window, draws Q_R with ``np_random`` and measures the baseline on it
-    (cached per student state and problem, so later resets cost nothing).
+    (greedy answers are cached per student state and problem, so later resets cost nothing).
 
     ## Episode End
 
@@ -118,7 +123,8 @@ class SOARMathEnv(CoreStateMixin, CheckpointMixin, gym.Env[np.ndarray, tuple[Pro
     ## Version History
 
     * v0: Initial version: grounded, learnability and variance rewards; promotion with PQ;
-      vector form with a shared baseline; checkpoints.
+      vector form with a shared baseline; checkpoints. Later in v0: the reward estimators
+      (greedy stays the default; ``greedy_eval=False`` of old configs loads as "sampled", k=1).
     """
 
     metadata = {"render_modes": ["ansi"], "render_fps": 1}
@@ -185,6 +191,7 @@ class SOARMathEnv(CoreStateMixin, CheckpointMixin, gym.Env[np.ndarray, tuple[Pro
             "eval_problems": tuple(self.core.eval_subset),
         }
         result = self.core.run_dataset(problems, self.np_random) if problems else None
+        info.update(self.core.baseline_info())  # the baseline this step was judged against (before promotion)
         invalid_reward = self.core.invalid_reward() if result is None else 0.0
         reward, outcome = dataset_info(result, rejected, invalid_reward)
         info.update(outcome)

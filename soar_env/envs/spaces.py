@@ -28,7 +28,9 @@ from soar_env.problems import Problem
 ProblemBatchType = tuple[Problem, ...]
 
 OBS_FIELDS = ("baseline_accuracy", "promotions", "step_fraction", "reward_average", "last_reward")
-"""Names of the observation's entries, in order."""
+"""Names of the observation's entries, in order. "baseline_accuracy" is the baseline's level on Q_R
+under the reward estimator (`soar_env.estimators.qr_level`): greedy accuracy, sampled success rate,
+or for "likelihood" the mean per-token probability of the reference answers; all in [0, 1]."""
 
 
 def observation_space(config: EnvConfig) -> Box:

@@ -8,9 +8,15 @@
 
 The student's skill is one number s in [0, 1]. Greedy evaluation answers a hard-pool problem
 correctly when its rank in the pool is below round(s * len(pool)), so with Q_R = the whole
-pool the accuracy is exactly round(s * N) / N and rewards are known in advance. A training
-run returns skill + gain, with gains from a list (in call order) or a function of the run's
-seed (so a resumed env reproduces them). Every call is recorded for assertions.
+pool the accuracy is exactly round(s * N) / N and rewards are known in advance. Sampled
+answers to a hard-pool problem are draws: answer j under seed e is right when a uniform number
+fixed by (e, problem, j) is below s, so the same seed gives every state the same numbers
+(common random numbers) and a higher skill never answers worse. Teacher-forced scoring gives
+an answer the log-prob ``LOGPROB_FLOOR + format + (skill if it is the reference answer)``: a
+run's ``gains`` move only the right answers (knowledge), its ``format_gains`` every answer
+(format). A training run returns skill + gain, with gains from a list (in call order) or a
+function of the run's seed (so a resumed env reproduces them). Every call is recorded for
+assertions.
 
 `check_soar_env` runs the env contract (spaces, reset/step returns, rejection of malformed
 actions, same-seed determinism, exact resume) on any env factory, with named failure
@@ -22,6 +28,7 @@ from __future__ import annotations
 
 import math
 import os
+import random
 import tempfile
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -32,10 +39,14 @@ from gymnasium.utils.env_checker import data_equivalence
 from gymnasium.vector import VectorEnv
 
 from soar_env.envs.spaces import ProblemBatch
+from soar_env.estimators import answer_reply
 from soar_env.problems import Problem
-from soar_env.student import EvalResult, TrainResult, build_student
+from soar_env.student import AnswerLogprobs, EvalResult, TrainResult, build_student
 
 GainScript = Sequence[float] | Callable[[Sequence[Problem], int], float]
+
+LOGPROB_FLOOR = -3.0
+"""A scripted student's mean per-token log-prob of any answer before skill and format add to it."""
 
 
 def ranked_pool(n: int, prefix: str = "hard") -> list[Problem]:
@@ -48,10 +59,13 @@ class ScriptedStudent:
     """Satisfies `soar_env.student.StudentLike` without a model (see module doc)."""
 
     def __init__(self, pool: Sequence[Problem], gains: GainScript = (0.0,), *, skill: float = 0.0,
-                 success_rate: float | Callable[[Problem], float] = 0.5, fail_runs: Sequence[int] = ()) -> None:
+                 success_rate: float | Callable[[Problem], float] = 0.5, fail_runs: Sequence[int] = (),
+                 format_gains: GainScript = (0.0,)) -> None:
         self.rank = {p.id: i for i, p in enumerate(pool)}
         self.size = len(pool)
         self.gains = gains
+        self.format_gains = format_gains
+        """Like ``gains``, for the log-prob every answer gains (format, not knowledge)."""
         self.success_rate = success_rate
         self.fail_runs = set(fail_runs)
         """Run numbers (0-based, in call order) that fail like a non-finite loss: no state."""
@@ -59,26 +73,30 @@ class ScriptedStudent:
         self.promotions = 0
         self.train_calls: list[dict[str, Any]] = []
         self.eval_calls: list[dict[str, Any]] = []
+        self.logprob_calls: list[dict[str, Any]] = []
 
-    def _gain(self, problems: Sequence[Problem], seed: int) -> float:
-        if callable(self.gains):
-            return float(self.gains(problems, seed))
-        return float(self.gains[len(self.train_calls) % len(self.gains)])
+    def _gain(self, script: GainScript, problems: Sequence[Problem], seed: int) -> float:
+        if callable(script):
+            return float(script(problems, seed))
+        return float(script[len(self.train_calls) % len(script)])
 
     def train(self, problems: Sequence[Problem], steps: int | None = None, batch_size: int | None = None,
               group_size: int | None = None, *, seed: int | None = None) -> TrainResult:
         run = len(self.train_calls)
-        gain = self._gain(problems, int(seed or 0))
+        gain = self._gain(self.gains, problems, int(seed or 0))
+        format_gain = self._gain(self.format_gains, problems, int(seed or 0))
         self.train_calls.append({"problems": list(problems), "steps": steps, "batch_size": batch_size,
-                                 "group_size": group_size, "seed": seed, "gain": gain})
+                                 "group_size": group_size, "seed": seed, "gain": gain, "format_gain": format_gain})
         steps_done = int(steps or 1)
         if run in self.fail_runs:
             return TrainResult(steps_done=0, error="non_finite_loss at step 0: scripted")
-        if gain == 0.0:
+        if gain == 0.0 and format_gain == 0.0:
             # Nothing learned: the very same weights, as a skipped zero-advantage update gives.
             state = dict(self.baseline)
         else:
             state = {"skill": self.baseline["skill"] + gain, "version": float(run + 1)}
+            if format_gain or "format" in self.baseline:
+                state["format"] = self.baseline.get("format", 0.0) + format_gain
         return TrainResult(steps_done=steps_done, rewards=[0.0] * steps_done, tokens=10 * steps_done,
                            state=state)  # type: ignore[arg-type]  (a scripted state is a dict of floats)
 
@@ -90,12 +108,25 @@ class ScriptedStudent:
         solved = round(min(max(skill, 0.0), 1.0) * self.size)
         correct = []
         for problem in problems:
-            if problem.id in self.rank and samples == 1:
+            if problem.id in self.rank and greedy and samples == 1:
                 correct.append(int(self.rank[problem.id] < solved))
+            elif problem.id in self.rank and not greedy:
+                draws = (random.Random(f"{seed}:{problem.id}:{j}").random() for j in range(samples))
+                correct.append(sum(int(u < skill) for u in draws))
             else:
                 rate = self.success_rate(problem) if callable(self.success_rate) else self.success_rate
                 correct.append(int(round(rate * samples)))
         return EvalResult(correct=correct, samples=samples, tokens=len(problems) * samples)
+
+    def answer_logprobs(self, problems: Sequence[Problem], answers: Sequence[str], *,
+                        state: Any = None) -> AnswerLogprobs:
+        """Mean per-token log-prob of each answer (see module doc): skill lifts only reference answers."""
+        self.logprob_calls.append({"problems": list(problems), "answers": list(answers), "baseline": state is None})
+        weights = state if state is not None else self.baseline
+        skill, form = weights["skill"], weights.get("format", 0.0)
+        logprobs = [LOGPROB_FLOOR + form + (skill if answer == answer_reply(problem.answer) else 0.0)
+                    for problem, answer in zip(problems, answers)]
+        return AnswerLogprobs(logprobs, tokens=len(answers))
 
     def promote(self, state: dict[str, float]) -> None:
         self.baseline = dict(state)

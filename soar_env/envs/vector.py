@@ -184,6 +184,7 @@ class SOARMathVectorEnv(CoreStateMixin, CheckpointMixin, VectorEnv):
         valid_k = [k for k, (problems, _) in enumerate(checked) if problems]
         # All valid datasets go to the runner together, so a parallel backend runs g x r at once.
         dataset_results, best = self.core.run_datasets([checked[k][0] for k in valid_k], self.np_random)
+        baseline_info = self.core.baseline_info()  # the baseline these datasets were judged against
         results = dict(zip(valid_k, dataset_results))
         best_k = valid_k[best] if best >= 0 else -1
         best_state = dataset_results[best].median_state if best >= 0 else None
@@ -215,7 +216,7 @@ class SOARMathVectorEnv(CoreStateMixin, CheckpointMixin, VectorEnv):
         infos: dict[str, Any] = {}
         shared = {"step": self._steps, "reward_mode": self.config.reward_mode, "baseline_accuracy": base_acc,
                   "next_baseline_accuracy": self._baseline_accuracy, "inner_steps": inner_steps,
-                  "eval_problems": eval_problems,
+                  "eval_problems": eval_problems, **baseline_info,
                   "promotions": self.core.promotions, "reward_average": self.core.tracker.moving_average,
                   "promoted_count": len(self.core.promoted_questions), "backend_events": self.core.backend_events()}
         for k, info in enumerate(per_env):

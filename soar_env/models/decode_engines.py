@@ -150,6 +150,9 @@ class _Linear:
 
     def __init__(self, weight: Tensor, bias: Tensor | None, dtype: torch.dtype, prepack: bool) -> None:
         self.dtype = dtype
+        self.sources: tuple[list[nn.Module], Tensor | None, list[float]] | None = None
+        """(modules, in_scale, out_scales) this weight was fused from (see `_fused`): what a per-row
+        adapter needs to apply its delta on the same input (`soar_env.models.multi_lora.RunEngine`)."""
         self.out_features = weight.shape[0]
         weight = weight.to(dtype).contiguous()
         self.bias = None if bias is None else bias.to(dtype)
@@ -190,7 +193,9 @@ def _fused(
             torch.zeros(n, device=first.device) if b is None else b.float() * scale
             for b, n, scale in zip(biases, sizes, scales)
         ])
-    return _Linear(weight, bias, *settings)
+    linear = _Linear(weight, bias, *settings)
+    linear.sources = (list(modules), in_scale, scales)
+    return linear
 
 
 def _base_weight(module: nn.Module) -> Tensor:
@@ -228,7 +233,15 @@ class LlamaEngine(Engine):
     stream, norms, rotary and softmaxes run in fp32; GEMMs and the K/V cache in ``dtype``.
     RMSNorm weights are folded into the next GEMM's columns and the attention scaling into
     q_proj's rows (a power of two for D = 64, so exact).
+
+    Rows may belong to groups with different weights (one group per student run in
+    `soar_env.models.multi_lora.RunEngine`): ``prompt_groups`` gives each prompt's group, the
+    shared prefix then runs once per group, and ``_use_rows`` hears the group of every row
+    before each pass (after ``select`` too). One group by default.
     """
+
+    prompt_groups: list[int] | None = None
+    """Group (0..P-1) of each prompt of the next prefill; None: all in group 0."""
 
     def __init__(self, model: nn.Module, settings: FastDecodeSettings, columns: int, pad_token_id: int) -> None:
         base = base_model(model)
@@ -285,13 +298,18 @@ class LlamaEngine(Engine):
         """
         U, device = len(prompts), row_prompts.device
         B, L, D, Hkv = row_prompts.shape[0], self.columns, self.head_dim, self.kv_heads
+        groups = torch.tensor(self.prompt_groups or [0] * U, device=device)  # (U,)
+        P = int(groups.max()) + 1
         shared = len(os.path.commonprefix(prompts)) if U > 1 else 0
         shared = min(shared, min(len(p) for p in prompts) - 1)  # every prompt keeps a token to run
         prefix_kv: list[tuple[Tensor, Tensor]] = []
         if shared > 0:
-            ids = torch.tensor([prompts[0][:shared]], device=device)  # (1, shared)
+            ids = torch.tensor([prompts[0][:shared]] * P, device=device)  # (P, shared): once per group
             allowed = torch.ones(shared, shared, dtype=torch.bool, device=device).tril()[None]  # (1, shared, shared)
-            _, prefix_kv = self._prefill_pass(ids, torch.arange(shared, device=device)[None], allowed, [])
+            each_group = torch.arange(P, device=device)
+            self._use_rows(each_group)
+            _, prefix_kv = self._prefill_pass(ids, torch.arange(shared, device=device)[None].expand(P, -1),
+                                              allowed, [], each_group)
         ids, mask = left_pad([p[shared:] for p in prompts], self.pad_token, device)  # (U, S)
         S = ids.shape[1]
         # Suffix queries see the whole prefix, and the suffix causally without its padding; a
@@ -299,14 +317,16 @@ class LlamaEngine(Engine):
         causal = torch.ones(S, S, dtype=torch.bool, device=device).tril() & mask.bool()[:, None, :]
         causal |= torch.eye(S, dtype=torch.bool, device=device)
         allowed = torch.cat([causal.new_ones(U, S, shared), causal], -1)  # (U, S, shared + S)
-        x, suffix_kv = self._prefill_pass(ids, shared + positions(mask), allowed, prefix_kv)
+        self._use_rows(groups)
+        x, suffix_kv = self._prefill_pass(ids, shared + positions(mask), allowed, prefix_kv, groups)
+        row_groups = groups[row_prompts]  # (B,)
         self.keys, self.values = [], []
         for layer_kv, (k, v) in zip(prefix_kv or [None] * len(suffix_kv), suffix_kv):
             keys = torch.empty(B, Hkv, D, L, dtype=self.dtype, device=device)  # transposed, see the class
             values = torch.empty(B, Hkv, L, D, dtype=self.dtype, device=device)
             if layer_kv is not None:
-                keys[..., :shared] = layer_kv[0].transpose(-1, -2)  # (1, Hkv, D, shared) to every row
-                values[:, :, :shared] = layer_kv[1]
+                keys[..., :shared] = layer_kv[0][row_groups].transpose(-1, -2)  # its group's (Hkv, D, shared)
+                values[:, :, :shared] = layer_kv[1][row_groups]
             keys[..., shared : shared + S] = k[row_prompts].transpose(-1, -2)
             values[:, :, shared : shared + S] = v[row_prompts]
             self.keys.append(keys)
@@ -316,12 +336,18 @@ class LlamaEngine(Engine):
         self.bias[:, 0, shared : shared + S].masked_fill_(~mask.bool()[row_prompts], float("-inf"))
         self.position = torch.tensor([len(prompts[u]) for u in row_prompts.tolist()], device=device)  # (B,)
         self.column = shared + S  # the next token's cache column
+        self.row_groups = row_groups
+        self._use_rows(row_groups)
         return self.head(self._norm(x, self.norm_eps)).float()[row_prompts]
 
+    def _use_rows(self, groups: Tensor) -> None:
+        """The group of each row of the passes that follow; weights shared by all groups ignore it."""
+
     def _prefill_pass(
-        self, ids: Tensor, position_ids: Tensor, allowed: Tensor, past: list[tuple[Tensor, Tensor]]
+        self, ids: Tensor, position_ids: Tensor, allowed: Tensor, past: list[tuple[Tensor, Tensor]], groups: Tensor
     ) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
-        """Run (U, T) tokens through every layer after ``past`` (per layer (1, Hkv, T0, D) K and V).
+        """Run (U, T) tokens through every layer after ``past`` (per layer (P, Hkv, T0, D) K and V of
+        each group; row u reads its group's, ``groups[u]``).
 
         ``allowed`` (U, T, T0 + T) says which keys each query sees. Returns the last position's
         hidden state (U, hidden) and each layer's new (U, Hkv, T, D) K and V, in ``dtype``.
@@ -341,8 +367,8 @@ class LlamaEngine(Engine):
             k, v = k.to(self.dtype), v.to(self.dtype)
             new_kv.append((k, v))
             if past:
-                k = torch.cat([past[i][0].expand(U, -1, -1, -1), k], 2)  # (U, Hkv, T0 + T, D)
-                v = torch.cat([past[i][1].expand(U, -1, -1, -1), v], 2)
+                k = torch.cat([past[i][0][groups], k], 2)  # (U, Hkv, T0 + T, D)
+                v = torch.cat([past[i][1][groups], v], 2)
             out = nn.functional.scaled_dot_product_attention(
                 q, k.float(), v.float(), attn_mask=allowed.unsqueeze(1), scale=1.0, enable_gqa=True
             )  # (U, Hq, T, D)
@@ -383,6 +409,8 @@ class LlamaEngine(Engine):
             self.values[i][:, :, :c] = values[keep, :, :c]
         self.bias = self.bias[keep]
         self.position = self.position[keep]
+        self.row_groups = self.row_groups[keep]
+        self._use_rows(self.row_groups)
 
 
 class HFEngine(Engine):

@@ -14,7 +14,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from peft.tuners.lora.layer import Linear as LoraLinear
@@ -22,6 +22,9 @@ from torch import Tensor, nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, StoppingCriteria
 
 from soar_env.models.rollout import Completion, Rollout
+
+if TYPE_CHECKING:
+    from soar_env.models.constrained import TokenFilter
 
 
 @dataclass(frozen=True)
@@ -35,6 +38,9 @@ class SampleOptions:
     greedy: bool
     seed: int | None
     batch_size: int
+    token_filter: TokenFilter | None = None
+    """Constrained decoding (`soar_env.models.constrained`): each row draws only the tokens the
+    filter allows after its own generated text; None samples from the whole vocabulary."""
 
     @property
     def decodes_greedily(self) -> bool:
@@ -52,8 +58,14 @@ class SampleOptions:
         return 1 if self.decodes_greedily else self.num_samples
 
     def as_kwargs(self) -> dict[str, Any]:
-        """The arguments again, for handing the call on to another sampler unchanged."""
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        """The arguments again, for handing the call on to another sampler unchanged.
+
+        ``token_filter`` is left out when None, so samplers that take no filter accept the call.
+        """
+        kwargs = {f.name: getattr(self, f.name) for f in fields(self)}
+        if kwargs["token_filter"] is None:
+            del kwargs["token_filter"]
+        return kwargs
 
 
 class Sampler(Protocol):
@@ -76,6 +88,10 @@ class Sampler(Protocol):
 class SamplerBase(ABC):
     """The public ``sample`` of every engine; subclasses implement :meth:`_sample`."""
 
+    supports_token_filter = False
+    """Whether :meth:`_sample` applies ``options.token_filter``; a filter given to an engine that
+    does not is an error, never silently unconstrained sampling."""
+
     def sample(
         self,
         prompts: Sequence[str],
@@ -87,6 +103,7 @@ class SamplerBase(ABC):
         greedy: bool = False,
         seed: int | None = None,
         batch_size: int = 64,
+        token_filter: TokenFilter | None = None,
     ) -> Rollout:
         """Sample ``num_samples`` completions of each prompt (full texts, e.g. from ``chat_prompt``).
 
@@ -95,9 +112,14 @@ class SamplerBase(ABC):
         ``greedy=True`` (or ``temperature <= 0``) decodes greedily. With ``seed`` the result is
         reproducible and the global torch RNG is left untouched; without it the global RNG is
         used. ``batch_size`` counts sequences decoded together (engines with their own
-        scheduler, like vLLM, ignore it).
+        scheduler, like vLLM, ignore it). ``token_filter`` constrains every row to the tokens it
+        allows (`soar_env.models.constrained`); the rows then come from the renormalised masked
+        distribution, which ``token_logprobs(..., token_filters=...)`` scores.
         """
-        options = SampleOptions(num_samples, temperature, max_new_tokens, stop, greedy, seed, batch_size)
+        if token_filter is not None and not self.supports_token_filter:
+            raise ValueError(f"{type(self).__name__} cannot apply a token_filter; constrained decoding runs in "
+                             "LMPolicy's transformers samplers")
+        options = SampleOptions(num_samples, temperature, max_new_tokens, stop, greedy, seed, batch_size, token_filter)
         return self._sample(prompts, options)
 
     @abstractmethod

@@ -57,6 +57,7 @@ from peft.tuners.lora.layer import Linear as LoraLinear
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
+from soar_env.models.constrained import TokenFilter
 from soar_env.models.decoding import SampleOptions, lora_merged, trim_completion
 from soar_env.models.decode_engines import Engine, FastDecodeSettings, HFEngine, engine_for, model_device
 from soar_env.models.rollout import Completion, Rollout
@@ -104,6 +105,7 @@ def sample_rollout(
             seed=seed,
             pad_token_id=pad,
             settings=settings,
+            token_filter=options.token_filter,
         )
         for (i, _), ids in zip(batch, generated):
             per_prompt[i].append(trim_completion(tokenizer, eos_token_ids, ids, stops))
@@ -128,6 +130,7 @@ def decode_rows(
     pad_token_id: int = 0,
     settings: FastDecodeSettings = FastDecodeSettings(),
     make_engine: Callable[[nn.Module, FastDecodeSettings, int, int], Engine] | None = None,
+    token_filter: TokenFilter | None = None,
 ) -> list[list[int]]:
     """Generated token ids of every row, in row order; one decode batch.
 
@@ -140,6 +143,8 @@ def decode_rows(
     active adapters are folded in. The model runs in eval mode; its weights are not changed.
     ``make_engine(model, settings, columns, pad_token_id)`` replaces the engine the model's
     family gets (one whose rows use different adapters, say); it is called inside the decode.
+    ``token_filter`` masks each row's logits to the tokens it allows after that row's text
+    (`soar_env.models.constrained`); without it the rows decode exactly as before.
     """
     if samples is not None:
         row_prompts = [k for k, n in enumerate(samples) for _ in range(n)]
@@ -177,6 +182,7 @@ def decode_rows(
                 eos_token_ids=set(int(t) for t in eos_token_ids),
                 stop_check=_StopCheck(tokenizer, list(stops)) if stops else None,
                 compact_fraction=settings.compact_fraction,
+                token_filter=token_filter,
             )
     finally:
         model.train(was_training)
@@ -197,6 +203,7 @@ def _decode_loop(
     eos_token_ids: set[int],
     stop_check: _StopCheck | None,
     compact_fraction: float,
+    token_filter: TokenFilter | None = None,
 ) -> list[list[int]]:
     rows = row_prompts.shape[0]
     generated: list[list[int]] = [[] for _ in range(rows)]
@@ -204,10 +211,14 @@ def _decode_loop(
     alive = list(range(rows))  # cache row -> output row
     live = [True] * rows  # per cache row: still decoding
     for t in range(max_new_tokens):
+        allowed = None
+        if token_filter is not None:  # (B, V): finished rows still in the batch get the empty text's mask
+            allowed = token_filter.mask([generated[row] if on else [] for row, on in zip(alive, live)],
+                                        logits.shape[-1], logits.device)
         if uniforms is None:
-            tokens = logits.argmax(-1)  # (B,)
+            tokens = (logits if allowed is None else logits.masked_fill(~allowed, float("-inf"))).argmax(-1)  # (B,)
         else:
-            tokens = _inverse_cdf(logits, uniforms[alive, t], temperature)
+            tokens = _inverse_cdf(logits, uniforms[alive, t], temperature, allowed=allowed)
         values = tokens.tolist()
         for slot, (row, token) in enumerate(zip(alive, values)):
             if not live[slot]:
@@ -228,8 +239,12 @@ def _decode_loop(
     return generated
 
 
-def _inverse_cdf(logits: Tensor, uniforms: Tensor, temperature: float, block: int = 256) -> Tensor:
+def _inverse_cdf(logits: Tensor, uniforms: Tensor, temperature: float, block: int = 256,
+                 allowed: Tensor | None = None) -> Tensor:
     """One token per row from softmax(logits / temperature), by its row's uniform in [0, 1).
+
+    ``allowed`` (B, V) bool restricts each row to its True tokens: the others get weight 0, so
+    the row draws from the softmax renormalised over its allowed tokens.
 
     Inverse CDF in two levels, so no float64 cumsum runs over the whole vocabulary: the
     uniform picks a block of ``block`` tokens by the blocks' float64 sums, then a token inside
@@ -239,8 +254,12 @@ def _inverse_cdf(logits: Tensor, uniforms: Tensor, temperature: float, block: in
     tokens that together hold < 1e-30 of the mass.
     """
     z = logits if temperature == 1.0 else logits / temperature  # (B, V) fp32
+    if allowed is not None:  # the maximum over the allowed tokens only, so their weights keep their ratios
+        z = z.masked_fill(~allowed, float("-inf"))
     rows, vocab = z.shape
     weights = (z - z.amax(-1, keepdim=True)).clamp_(min=-80.0).exp_()  # (B, V) in (0, 1]
+    if allowed is not None:
+        weights.masked_fill_(~allowed, 0.0)  # the clamp left e^-80 on masked tokens
     if vocab % block:
         weights = nn.functional.pad(weights, (0, block - vocab % block))  # zero weight: never drawn
     blocks = weights.view(rows, -1, block)  # (B, V/block, block)

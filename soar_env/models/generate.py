@@ -11,8 +11,10 @@ from contextlib import nullcontext
 from typing import Any
 
 import torch
-from transformers import StoppingCriteriaList
+from torch import Tensor
+from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteriaList
 
+from soar_env.models.constrained import TokenFilter
 from soar_env.models.decoding import SampleOptions, StopStrings, left_pad, lora_merged, plan_batches, positions, seeded
 from soar_env.models.rollout import Completion, Rollout
 
@@ -31,7 +33,7 @@ def generate_rollout(policy: Any, encoded: list[list[int]], options: SampleOptio
             with torch.inference_mode():
                 for group, repeats in plan_batches(order, options.draws, options.batch_size):
                     rows = _generate_batch(policy, [encoded[i] for i in group], repeats, options.temperature,
-                                           greedy, options.max_new_tokens, stops)
+                                           greedy, options.max_new_tokens, stops, options.token_filter)
                     for k, i in enumerate(group):
                         per_prompt[i].extend(rows[k * repeats : (k + 1) * repeats])
     finally:
@@ -47,6 +49,7 @@ def _generate_batch(
     greedy: bool,
     max_new_tokens: int,
     stops: list[str],
+    token_filter: TokenFilter | None = None,
 ) -> list[Completion]:
     """One ``generate`` call: U prompts x ``repeats`` samples each, prompt-major."""
     ids, mask = left_pad(prompts, policy.tokenizer.pad_token_id, policy.device)  # (U, P)
@@ -70,6 +73,22 @@ def _generate_batch(
     ids, mask = ids.repeat_interleave(repeats, 0), mask.repeat_interleave(repeats, 0)  # (U*repeats, P)
     if stops:
         kwargs["stopping_criteria"] = StoppingCriteriaList([StopStrings(policy.tokenizer, stops, width)])
+    if token_filter is not None:
+        kwargs["logits_processor"] = LogitsProcessorList([FilterLogits(token_filter, width)])
     output = policy.model.generate(input_ids=ids, attention_mask=mask, **kwargs)  # (U*repeats, P+T)
     return [policy.trim(row, stops) for row in output[:, width:].tolist()]
 
+
+
+class FilterLogits(LogitsProcessor):
+    """``generate``'s side of constrained decoding: each row's scores masked to the tokens its filter allows."""
+
+    def __init__(self, token_filter: TokenFilter, prompt_width: int) -> None:
+        self.token_filter = token_filter
+        self.prompt_width = prompt_width
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        # input_ids: (B, P + generated so far); scores: (B, V). Rows generate() has finished get
+        # pad tokens whatever their mask, which is never empty.
+        allowed = self.token_filter.mask(input_ids[:, self.prompt_width :].tolist(), scores.shape[-1], scores.device)
+        return scores.masked_fill(~allowed, float("-inf"))

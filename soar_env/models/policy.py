@@ -37,6 +37,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torch import Tensor, nn
 from transformers import DynamicCache, GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
+from soar_env.models.constrained import TokenFilter, position_masks
 from soar_env.models.decoding import SampleOptions, Sampler, SamplerBase, eos_token_ids, left_pad, positions
 from soar_env.models.decoding import trim_completion
 from soar_env.models.decode_engines import FastDecodeSettings
@@ -84,6 +85,8 @@ class LMPolicy(SamplerBase):
     ``lora=None`` trains every weight; the KL reference is then a frozen copy, made when it is
     first used, unless :meth:`set_reference` names one (the student's baseline, say).
     """
+
+    supports_token_filter = True
 
     def __init__(
         self,
@@ -203,6 +206,9 @@ class LMPolicy(SamplerBase):
     def _sample(self, prompts: Sequence[str], options: SampleOptions) -> Rollout:
         """:meth:`sample` on this transformers model, or on :attr:`sampler` when one is set."""
         if self.sampler is not None:
+            if options.token_filter is not None:
+                raise ValueError(f"token_filter: constrained decoding runs in the transformers samplers, not in "
+                                 f"{type(self.sampler).__name__}; set policy.sampler = None for constrained calls")
             return self.sampler.sample(prompts, **options.as_kwargs())
         encoded = [self.encode(prompt) for prompt in prompts]
         if self.fast_decode is not None:  # it seeds, merges adapters and switches to eval mode itself
@@ -221,6 +227,7 @@ class LMPolicy(SamplerBase):
         reference: bool = False,
         temperature: float = 1.0,
         micro_batch_size: int | None = None,
+        token_filters: Sequence[TokenFilter | None] | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Log-probability of every completion token given its prompt and the tokens before it.
 
@@ -231,9 +238,16 @@ class LMPolicy(SamplerBase):
         trainable ones when there are some; otherwise the same model with its adapters switched
         off (LoRA), or a frozen copy of the weights taken at the first reference call (full
         fine-tuning; see :meth:`reset_reference`). ``micro_batch_size`` bounds the rows run together.
+        ``token_filters`` (one per row, None for a free row) scores a row sampled with a token
+        filter under the same masks: log softmax over the tokens the filter allowed at each step,
+        the distribution the row was drawn from. Without filters nothing changes.
         """
         if len(prompt_ids) != len(completion_ids):
             raise ValueError(f"{len(prompt_ids)} prompts for {len(completion_ids)} completions")
+        if token_filters is not None and len(token_filters) != len(completion_ids):
+            raise ValueError(f"{len(token_filters)} token filters for {len(completion_ids)} completions")
+        if token_filters is not None and all(f is None for f in token_filters):
+            token_filters = None
         rows = len(completion_ids)
         width = max((len(c) for c in completion_ids), default=0)
         mask = torch.zeros(rows, width, dtype=torch.bool, device=self.device)  # (B, T)
@@ -258,7 +272,7 @@ class LMPolicy(SamplerBase):
             for start in range(0, rows, step):
                 chunk = self._logprobs(
                     base, prompt_ids[start : start + step], completion_ids[start : start + step], temperature,
-                    overrides,
+                    overrides, None if token_filters is None else token_filters[start : start + step],
                 )
                 chunks.append(nn.functional.pad(chunk, (0, width - chunk.shape[1])))
         return torch.cat(chunks, 0), mask
@@ -270,6 +284,7 @@ class LMPolicy(SamplerBase):
         completion_ids: Sequence[Sequence[int]],
         temperature: float,
         overrides: dict[int, Tensor] | None = None,
+        token_filters: Sequence[TokenFilter | None] | None = None,
     ) -> Tensor:
         """(B, T) log-probs for one micro-batch (see :meth:`token_logprobs`).
 
@@ -315,16 +330,24 @@ class LMPolicy(SamplerBase):
         # 3. The output head only on real completion tokens: N rows instead of B*T. Under bf16
         # compute the head's product is bf16; the log-softmax below runs in fp32 (autocast off).
         logits = _call_with(base.get_output_embeddings(), overrides, predictors[token_mask])  # (N, V)
+        allowed = None  # (N, V): positions row by row, as predictors[token_mask] orders them
+        if token_filters is not None:
+            allowed = position_masks(completion_ids, token_filters, logits.shape[-1], self.device)
         with torch.autocast(self.device.type, enabled=False):
-            return self._picked_logprobs(base, logits.float(), tokens, token_mask, temperature)
+            return self._picked_logprobs(base, logits.float(), tokens, token_mask, temperature, allowed)
 
     def _picked_logprobs(self, base: PreTrainedModel, logits: Tensor, tokens: Tensor, token_mask: Tensor,
-                         temperature: float) -> Tensor:
-        """(B, T) log-probs of ``tokens`` from fp32 ``logits`` (N, V) of the N masked positions."""
+                         temperature: float, allowed: Tensor | None = None) -> Tensor:
+        """(B, T) log-probs of ``tokens`` from fp32 ``logits`` (N, V) of the N masked positions.
+
+        ``allowed`` (N, V) renormalises each position over its allowed tokens (constrained rows).
+        """
         cap = getattr(base.config, "final_logit_softcapping", None)
         if cap:
             logits = torch.tanh(logits / cap) * cap
         logits = logits / temperature
+        if allowed is not None:
+            logits = logits.masked_fill(~allowed, float("-inf"))
         targets = tokens[token_mask]  # (N,)
         picked = logits.gather(1, targets[:, None]).squeeze(1) - torch.logsumexp(logits, 1)  # (N,)
         return torch.zeros(token_mask.shape, dtype=picked.dtype, device=self.device).masked_scatter(token_mask, picked)

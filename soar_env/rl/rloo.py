@@ -229,12 +229,14 @@ class RLOOUpdater:
 
     def update(
         self, policy: LMPolicy, rollout: Rollout, rewards: Sequence[float], group_size: int,
-        *, temperature: float = 1.0,
+        *, temperature: float = 1.0, token_filters: Sequence[Any] | None = None,
     ) -> dict[str, float]:
         """One RLOO step on a prompt-major rollout (P prompts x ``group_size`` completions).
 
         ``temperature``: the one the rollout was sampled at; tokens are scored under that
         distribution, log softmax(logits / T), so the gradient is on-policy at any temperature.
+        ``token_filters``: per row, the filter (`soar_env.models.constrained`) its tokens were
+        sampled under, or None; those rows are scored under the same mask, again on-policy.
 
         Raises ``NonFiniteLossError`` if the loss or the gradient norm is NaN/Inf: the step is
         abandoned before ``optimizer.step``, so parameters and optimizer state are untouched.
@@ -243,6 +245,8 @@ class RLOOUpdater:
         n = len(rollout.completion_ids)
         if len(rewards) != n:
             raise ValueError(f"{len(rewards)} rewards for {n} completions")
+        if token_filters is not None and len(token_filters) != n:
+            raise ValueError(f"{len(token_filters)} token filters for {n} completions")
         if group_size < 1 or n % group_size != 0:
             raise ValueError(f"{n} completions do not split into groups of {group_size}")
         num_groups = n // group_size
@@ -283,11 +287,13 @@ class RLOOUpdater:
             idx = list(range(start, min(start + micro, n)))
             prompt_ids = [rollout.prompt_ids[i] for i in idx]
             completion_ids = [rollout.completion_ids[i] for i in idx]
-            logprobs, mask = policy.token_logprobs(prompt_ids, completion_ids, **scoring)  # (b, T), (b, T)
+            masks = {} if token_filters is None else {"token_filters": [token_filters[i] for i in idx]}
+            logprobs, mask = policy.token_logprobs(prompt_ids, completion_ids, **scoring, **masks)  # (b, T), (b, T)
             ref_logprobs = None
             if config.kl_coef > 0:
                 with torch.no_grad():
-                    ref_logprobs, _ = policy.token_logprobs(prompt_ids, completion_ids, reference=True, **scoring)
+                    ref_logprobs, _ = policy.token_logprobs(prompt_ids, completion_ids, reference=True, **scoring,
+                                                            **masks)
             adv = advantages[idx].to(logprobs.device)  # (b,)
             loss, piece = rloo_loss(logprobs, ref_logprobs, mask, adv, config.kl_coef,
                                     normalizer=normalizer, normalization=config.loss_normalization)
