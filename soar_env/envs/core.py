@@ -16,7 +16,6 @@ one baseline evaluation).
 
 from __future__ import annotations
 
-import time
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
