@@ -157,14 +157,16 @@ class EnvConfig:
     # --- system ---------------------------------------------------------------------------------
     backend: str = "local"
     """Where student runs execute: "local" (this process, one run after another) or "ray" (Ray workers)."""
-    batch_runs: bool = True
+    batch_runs: bool = False
     """Run a step's g x r student runs as one batch (soar_env.batched_runs): the rows of every run
     decoded together, each with its own LoRA adapter over the shared frozen base, and their RLOO
     updates in one forward/backward, each run keeping its own optimizer, clipping and skipped steps.
-    Same results as one run after another up to float round-off (tested). It needs LoRA on a
-    Llama-family student with the built-in sampler; other students (full fine-tuning, so the paper
-    preset; vLLM; scripted) run one by one. With backend "ray" each worker batches its share.
-    Measured 1.33x on a step's 4 SmolLM2 runs on 2 busy CPU cores (benchmarks/README.md section 3)."""
+    In float32 the same results as one run after another up to float round-off (tested); in bfloat16
+    the sequential sampler rounds base + adapter together and the batched one adds the adapter in
+    fp32, so sampled tokens can differ. It needs LoRA on a Llama-family student with the built-in
+    sampler; other students (full fine-tuning, vLLM, scripted) run one by one. With backend "ray"
+    each worker batches its share. Off by default: on this 2-core CPU it paid in float32 (1.33x a
+    step's 4 runs) but not in bfloat16, the cpu preset's compute (benchmarks/README.md section 3)."""
     ray_address: str | None = None
     """Ray cluster to join: None starts a local one (or uses the one ray.init already started),
     "auto" or "HOST:PORT" joins an existing cluster."""
