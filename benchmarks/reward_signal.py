@@ -116,7 +116,11 @@ class SignalConfig:
         from agents.teacher_config import make_teacher_config  # lazy: `--help` stays fast
 
         env = self.env_config()
-        return {"format": FORMAT, "preset": self.preset, "env": env.to_dict(), "estimators": list(REWARD_ESTIMATORS),
+        # Settings of where and how runs are scheduled: a panel job is one run in this process.
+        scheduling = {"batch_runs", "backend", "ray_address", "ray_workers", "ray_cpus_per_worker",
+                      "ray_gpus_per_worker", "ray_max_retries", "ray_worker_timeout", "ray_student_factory"}
+        env_settings = {k: v for k, v in env.to_dict().items() if k not in scheduling}
+        return {"format": FORMAT, "preset": self.preset, "env": env_settings, "estimators": list(REWARD_ESTIMATORS),
                 "eval_seed": EVAL_SEED,
                 "teacher": make_teacher_config(self.preset).to_dict(),
                 "teacher_pool": self.teacher_pool or 4 * env.problems_per_dataset,
