@@ -31,7 +31,7 @@ import numpy as np
 
 from agents.base import Teacher
 from agents.gmm import COVARIANCE_TYPES, CRITERIA, GaussianMixture, select_mixture
-from soar_env.data.generators import FAMILIES, MAX_DIFFICULTY, MIN_DIFFICULTY, sample_problems
+from soar_env.data.generators import MAX_DIFFICULTY, MIN_DIFFICULTY, checked_families, sample_problems
 from soar_env.problems import Problem
 from soar_env.rng import rng_from_state, rng_state
 
@@ -60,10 +60,7 @@ class ALPGMMTeacher(Teacher):
                  max_components: int = 10, random_fraction: float = 0.2, bootstrap: int | None = None,
                  covariance: str = "full", criterion: str = "aic", reg_covar: float = 1e-4, seed: int = 0) -> None:
         super().__init__()
-        self.families = tuple(families) if families is not None else FAMILIES
-        unknown = [f for f in self.families if f not in FAMILIES]
-        if unknown or not self.families:
-            raise ValueError(f"unknown families {unknown or list(self.families)}; valid: {', '.join(FAMILIES)}")
+        self.families = checked_families(families)
         for name, value, low in (("fit_every", fit_every, 1), ("window", window, 2),
                                  ("max_components", max_components, 2)):
             if int(value) != value or value < low:

@@ -21,7 +21,7 @@ import numpy as np
 from agents.base import Teacher
 from agents.driver import env_config, env_core
 from agents.rloo_teacher import RLOOTeacher
-from soar_env.data.generators import FAMILIES, MAX_DIFFICULTY, MIN_DIFFICULTY, sample_problems
+from soar_env.data.generators import MAX_DIFFICULTY, MIN_DIFFICULTY, checked_families, sample_problems
 from soar_env.data.hardset import load_hard_pool
 from soar_env.problems import Problem
 from soar_env.rng import rng_from_state, rng_state
@@ -37,10 +37,7 @@ class RandomTeacher(Teacher):
     def __init__(self, families: Sequence[str] | None = None, difficulty: Sequence[int] | int = (1, 2, 3, 4, 5),
                  seed: int | None = 0) -> None:
         super().__init__()
-        self.families = tuple(families) if families is not None else FAMILIES
-        unknown = [f for f in self.families if f not in FAMILIES]
-        if unknown or not self.families:
-            raise ValueError(f"unknown families {unknown or list(self.families)}; valid: {', '.join(FAMILIES)}")
+        self.families = checked_families(families)
         levels = [difficulty] if isinstance(difficulty, int) else list(difficulty)
         if not levels or any(not MIN_DIFFICULTY <= int(d) <= MAX_DIFFICULTY for d in levels):
             raise ValueError(f"difficulty levels must be in {MIN_DIFFICULTY}..{MAX_DIFFICULTY}, got {difficulty!r}")

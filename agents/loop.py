@@ -87,10 +87,8 @@ def step_metrics(rewards: np.ndarray, infos: Sequence[Mapping[str, Any]], shared
 
 
 def _clock(seconds: float) -> str:
-    seconds = max(int(round(seconds)), 0)
-    minutes, seconds = divmod(seconds, 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}:{minutes:02d}:{seconds:02d}" if hours else f"{minutes:02d}:{seconds:02d}"
+    """tqdm's own "mm:ss" / "h:mm:ss", of the rounded seconds."""
+    return tqdm.format_interval(max(int(round(seconds)), 0))
 
 
 class StepProgress:

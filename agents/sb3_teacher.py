@@ -24,7 +24,7 @@ import numpy as np
 from gymnasium import spaces
 
 from agents.base import Teacher
-from soar_env.data.generators import FAMILIES, MAX_DIFFICULTY, MIN_DIFFICULTY, sample_problems
+from soar_env.data.generators import MAX_DIFFICULTY, MIN_DIFFICULTY, checked_families, sample_problems
 from soar_env.envs.spaces import OBS_FIELDS
 from soar_env.problems import Problem
 from soar_env.rng import rng_from_state, rng_state
@@ -50,10 +50,7 @@ class SB3Teacher(Teacher):
                  **ppo_kwargs: Any) -> None:
         require_sb3()
         super().__init__()
-        self.families = tuple(families) if families is not None else FAMILIES
-        unknown = [f for f in self.families if f not in FAMILIES]
-        if unknown or not self.families:
-            raise ValueError(f"unknown families {unknown or list(self.families)}; valid: {', '.join(FAMILIES)}")
+        self.families = checked_families(families)
         if n_steps < 1:
             raise ValueError(f"n_steps must be >= 1, got {n_steps}")
         self.n_steps = int(n_steps)

@@ -44,6 +44,7 @@ from soar_env.options import check_minimum
 from soar_env.atomic import atomic_write_text
 from soar_env.config import PRESETS, EnvConfig, make_config
 from soar_env.data.hardset import hard_splits, load_hard_pool
+from soar_env.estimators import sampling_for
 from soar_env.options import add_dataclass_arguments
 from soar_env.problems import Problem
 
@@ -332,9 +333,8 @@ def _eval_sets(plan: RunPlan) -> dict[str, list[Problem]]:
 def _evaluate(student: Any, problems: list[Problem], env: EnvConfig) -> float:
     """Accuracy as the reward estimator answers: sampled over its k answers, else greedy (likelihood
     generates nothing, so its runs report greedy accuracy)."""
-    sampled = env.reward_estimator == "sampled"
-    result = student.evaluate(problems, samples=env.estimator_samples if sampled else 1, greedy=not sampled,
-                              max_new_tokens=env.eval_tokens)
+    samples, greedy = sampling_for(env.reward_estimator, env.estimator_samples)
+    result = student.evaluate(problems, samples=samples, greedy=greedy, max_new_tokens=env.eval_tokens)
     return float(result.accuracy)
 
 

@@ -4,7 +4,8 @@
     python -m benchmarks.throughput --against 3f9e034 --runs 3 --threads 1
 
 Timings taken on different days, or minutes apart on a shared machine, differ by more than most
-changes are worth. So the other commit is checked out in a git worktree and both sides run here,
+changes are worth. So the other commit's packages are exported (``git archive``, into a scratch
+folder removed afterwards; the repository is not touched) and both sides run here,
 pair by pair: run i of ours and run i of theirs back to back (the order flips every pair), or at
 the same time on one core each (``concurrent``), so load drift hits both alike and the paired
 ratio of run i to run i is the number to read.
@@ -18,11 +19,13 @@ matches fails with its own error message, shown here.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import statistics
 import subprocess
 import sys
+import tarfile
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -42,13 +45,16 @@ def git(*args: str, cwd: Path = REPO) -> str:
     return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True).stdout.strip()
 
 
-def worktree(rev: str) -> tuple[Path, str]:
-    """A checkout of ``rev`` (reused when it exists) and its commit id."""
+def export(rev: str, folder: Path) -> str:
+    """``rev``'s library packages written into ``folder``; returns the commit id."""
     sha = git("rev-parse", "--verify", f"{rev}^{{commit}}")
-    path = Path(tempfile.gettempdir()) / f"soar-against-{sha[:12]}"
-    if not (path / "soar_env").is_dir():
-        git("worktree", "add", "--force", "--detach", str(path), sha)
-    return path, sha
+    archive = subprocess.run(["git", "archive", "--format=tar", sha, *PACKAGES], cwd=REPO, check=True,
+                             capture_output=True).stdout
+    folder.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        # The "data" filter (plain files only) exists from Python 3.10.12 / 3.11.4 on.
+        tar.extractall(folder, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
+    return sha
 
 
 def side_root(library: Path, scratch: Path, name: str) -> Path:
@@ -86,12 +92,13 @@ def run_pairs(module: str, argv: Sequence[str], rev: str, runs: int, *, schedule
     """``runs`` pairs of one-process runs of ``module`` on our tree and on ``rev``'s."""
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
-    theirs_tree, sha = worktree(rev)
     ours_sha = git("rev-parse", "HEAD")
     dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
     with tempfile.TemporaryDirectory(prefix="soar-against-") as scratch_name:
         scratch = Path(scratch_name)
-        roots = {"ours": side_root(REPO, scratch, "ours"), "theirs": side_root(theirs_tree, scratch, "theirs")}
+        sha = export(rev, scratch / "theirs-library")
+        roots = {"ours": side_root(REPO, scratch, "ours"),
+                 "theirs": side_root(scratch / "theirs-library", scratch, "theirs")}
         results: dict[str, list[dict[str, Any]]] = {"ours": [], "theirs": []}
         for i in range(runs):
             order = ("ours", "theirs") if i % 2 == 0 else ("theirs", "ours")
@@ -135,7 +142,7 @@ def paired_table(pairs: dict[str, Any], figures: Sequence[Figure], title: str) -
 def add_arguments(parser: Any) -> None:
     """The options every benchmark with an ``--against`` mode takes."""
     parser.add_argument("--against", default=None, metavar="REV",
-                        help="also run this benchmark on commit REV (a git worktree), pair by pair, and compare")
+                        help="also run this benchmark on commit REV (its packages exported with git archive), pair by pair, and compare")
     parser.add_argument("--against-schedule", default="alternate", choices=SCHEDULES,
                         help="alternate: the pair's runs one after the other (order flips each pair); "
                              "concurrent: at the same time, one process per core")

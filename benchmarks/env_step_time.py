@@ -13,7 +13,7 @@ machine and the number of timed runs; the breakdown columns are the env's own ``
 excluded): unlike wall time it barely moves when other jobs share the cores, so compare rows
 by it on a busy machine (wall time on an idle machine is about cpu s / torch threads).
 
-``--against REV`` times the same rows on commit REV too (a git worktree; see
+``--against REV`` times the same rows on commit REV too (exported with git archive; see
 ``benchmarks.against``): ``--runs`` pairs of one-step processes, ours and REV's interleaved, and
 prints the paired ratios of step, CPU, train and evaluation seconds.
 """

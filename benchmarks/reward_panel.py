@@ -27,7 +27,7 @@ every process that builds it gets the same problems.
 from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any, Sequence
 
@@ -102,7 +102,6 @@ class PanelInputs:
     """The hard-train split (``hard-only`` draws from it, leaving Q_R out)."""
     teacher_pool: Sequence[Problem] | None = None
     """The stored Base-T samples (``base-teacher``); None: not loaded."""
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def dataset_rng(name: str, run: int) -> np.random.Generator:

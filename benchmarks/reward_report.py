@@ -87,13 +87,26 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> float | None:
 # ---------------------------------------------------------------------------------------------
 
 
+class SettingsMismatch(ValueError):
+    """A results folder (or a job file in it) was measured with other settings than this study's."""
+
+
+def load_job(path: Path, digest: str) -> dict[str, Any] | None:
+    """A finished job, or None; a job file of other settings is refused, never mixed in."""
+    if not path.is_file():
+        return None
+    job = json.loads(path.read_text())
+    if job.get("digest") != digest:
+        raise SettingsMismatch(f"{path} was measured with other settings than {path.parent.parent / 'settings.json'}; "
+                         f"delete it or use another --out")
+    return job
+
+
 def collect(cfg: Any, folder: Path, digest: str) -> dict[str, Any]:
     """Every finished job of the folder (all measured with ``digest``), by kind, dataset and run."""
-    jobs: dict[str, Any] = {"baseline": {}, "scores": {}, "downstream": {}, "settings": cfg}
+    jobs: dict[str, Any] = {"baseline": {}, "scores": {}, "downstream": {}}
     for path in sorted((folder / "jobs").glob("*.json")):
-        job = json.loads(path.read_text())
-        if job.get("digest") != digest:
-            raise ValueError(f"{path} was measured with other settings; delete it or use another --out")
+        job = load_job(path, digest)
         if job["kind"] == "baseline":
             jobs["baseline"][job["run"]] = job
         else:
@@ -250,5 +263,5 @@ def write_report(cfg: Any, jobs: Mapping[str, Any], skipped: Sequence[str], fail
     return {**results, "markdown": text}
 
 
-__all__ = ["average_ranks", "collect", "detection_power", "markdown", "pooled_power", "spearman", "summarize",
+__all__ = ["SettingsMismatch", "average_ranks", "collect", "load_job", "detection_power", "markdown", "pooled_power", "spearman", "summarize",
            "write_report"]

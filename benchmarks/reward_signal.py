@@ -46,8 +46,10 @@ from typing import Any, Callable
 import numpy as np
 
 from benchmarks.reward_panel import PanelInputs, build_dataset, sample_teacher_pool, select_datasets
+from benchmarks.reward_report import SettingsMismatch, collect, load_job, write_report
 from soar_env.atomic import atomic_write_text
-from soar_env.config import PRESETS, EnvConfig, make_config
+from soar_env.config import PRESETS, SCHEDULING_SETTINGS, EnvConfig, make_config
+from soar_env.data.hardset import draw_eval_subset, hard_splits, load_hard_pool
 from soar_env.estimators import REWARD_ESTIMATORS, QRScores, estimate, score_qr
 from soar_env.options import add_dataclass_arguments, check_minimum, dataclass_from_args
 
@@ -116,20 +118,13 @@ class SignalConfig:
         from agents.teacher_config import make_teacher_config  # lazy: `--help` stays fast
 
         env = self.env_config()
-        # Settings of where and how runs are scheduled: a panel job is one run in this process.
-        scheduling = {"batch_runs", "backend", "ray_address", "ray_workers", "ray_cpus_per_worker",
-                      "ray_gpus_per_worker", "ray_max_retries", "ray_worker_timeout", "ray_student_factory"}
-        env_settings = {k: v for k, v in env.to_dict().items() if k not in scheduling}
+        env_settings = {k: v for k, v in env.to_dict().items() if k not in SCHEDULING_SETTINGS}
         return {"format": FORMAT, "preset": self.preset, "env": env_settings, "estimators": list(REWARD_ESTIMATORS),
                 "eval_seed": EVAL_SEED,
                 "teacher": make_teacher_config(self.preset).to_dict(),
                 "teacher_pool": self.teacher_pool or 4 * env.problems_per_dataset,
                 "downstream_factor": self.downstream_factor, "downstream_samples": self.downstream_samples,
                 "downstream_test_size": self.downstream_test_size}
-
-
-class SettingsMismatch(ValueError):
-    """A results folder (or a job file in it) was measured with other settings than this study's."""
 
 
 def check_settings(folder: Path, settings: dict[str, Any]) -> str:
@@ -162,17 +157,6 @@ def job_path(folder: Path, kind: str, run: int, dataset: str = "") -> Path:
     return folder / "jobs" / f"{name}-run{run}.json"
 
 
-def load_job(path: Path, digest: str) -> dict[str, Any] | None:
-    """A finished job, or None; a job file of other settings is refused, never mixed in."""
-    if not path.is_file():
-        return None
-    job = json.loads(path.read_text())
-    if job.get("digest") != digest:
-        raise SettingsMismatch(f"{path} was measured with other settings than {path.parent.parent / 'settings.json'}; "
-                         f"delete it or use another --out")
-    return job
-
-
 def scores_from(job: dict[str, Any]) -> dict[str, QRScores]:
     return {name: QRScores.from_dict(entry) for name, entry in job["scores"].items()}
 
@@ -189,8 +173,6 @@ class Study:
         self.student_factory = student_factory
         self._student: Any = None
         self._pool: list[Any] | None = None
-        from soar_env.data.hardset import hard_splits, load_hard_pool
-
         self.hard_pool = load_hard_pool(self.config)  # the side Q_R is drawn from (train)
         self.hard_test = hard_splits(self.config)[1]
 
@@ -209,10 +191,7 @@ class Study:
 
     def q_r(self, run: int) -> list[Any]:
         """Q_R of run ``run``: M hard-train problems drawn with seed ``run``, as the env draws them."""
-        pool = self.hard_pool
-        index = np.random.default_rng(run).choice(len(pool), size=min(self.config.eval_subset_size, len(pool)),
-                                                  replace=False)
-        return [pool[int(i)] for i in index]
+        return draw_eval_subset(self.hard_pool, self.config.eval_subset_size, np.random.default_rng(run))
 
     def teacher_problems(self) -> list[Any]:
         """The Base-T pool: read from ``teacher_samples.json``, sampled and stored the first time."""
@@ -306,7 +285,6 @@ def plan(cfg: SignalConfig) -> list[tuple[str, str, int]]:
 def run_study(cfg: SignalConfig, student_factory: Callable[[EnvConfig], Any] | None = None,
               command: str | None = None) -> dict[str, Any]:
     """Every missing job within the budget, then the report; returns the report's results."""
-    from benchmarks.reward_report import collect, write_report
 
     study = Study(cfg, student_factory)
     started = time.perf_counter()

@@ -23,21 +23,23 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import argparse
-import json
 import platform
 import random
 import sys
 import time
 from collections import Counter
+from types import SimpleNamespace
 from typing import Any
 
 import torch
 
+from agents import BaseTeacher
 from agents.teacher_config import make_teacher_config
 from agents.teacher_sampling import Draft, TeacherSampler
 from benchmarks.analysis import analyze_questions
+from benchmarks.timing import finish_run
 from soar_env.config import make_config
-from soar_env.models import LMPolicy, LoraSettings
+from soar_env.models import LMPolicy
 
 
 def sample_side(policy: LMPolicy, preset: str, constrain: bool, drafts: int, per_call: int,
@@ -114,9 +116,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads "
           f"{torch.get_num_threads()}, torch {torch.__version__}, load {os.getloadavg()[0]:.2f}", flush=True)
     env = make_config(args.preset)
-    model = args.model or make_teacher_config(args.preset).model or env.student_model
-    lora = LoraSettings(r=env.lora_rank, alpha=env.lora_alpha) if env.lora else None
-    policy = LMPolicy.from_name(model, lora=lora)
+    # The teacher's own model, LoRA, dtype and device, as `soar train` builds it.
+    teacher = BaseTeacher(make_teacher_config(args.preset, **({"model": args.model} if args.model else {})))
+    teacher.setup(SimpleNamespace(config=env), 1)
+    policy, model = teacher.policy, teacher.model_name
     preset_value = make_teacher_config(args.preset).constrain_answer
     sampled: dict[str, tuple[list[Draft], float]] = {}
     for constrain in (False, True):
@@ -133,11 +136,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"\n{name}: accepted examples")
         for example in report["examples"]:
             print(f"  {example['question']!r} -> {example['answer']!r}")
-    results = {"preset": args.preset, "model": model, "sides": sides}
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as handle:
-            json.dump(results, handle, indent=2)
-    return results
+    return finish_run({"preset": args.preset, "model": model, "sides": sides}, args.json)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ Runs are interleaved (ours, TRL, TRL, ours, ours, TRL, ...: the order flips ever
 that a change in machine load hits both sides alike; the first ``--warmup`` runs of each side
 are dropped. Tokens are the completion tokens each side actually kept (cut after eos), counted
 on both sides, so tokens/s is fair even when the two samplers draw different completions.
-``--against REV`` instead times our RLOO step on this tree and on commit REV's (a git worktree,
+``--against REV`` instead times our RLOO step on this tree and on commit REV's (exported with git archive,
 ``benchmarks.against``): ``--runs`` pairs of processes, interleaved, each taking ``--warmup``
 untimed steps and one timed step, then the paired ratios of each phase.
 The step time of TRL is measured from ``on_step_begin`` to ``on_step_end`` of its training

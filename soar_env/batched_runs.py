@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from soar_env.estimators import QRScores, check_estimator, score_qr
+from soar_env.estimators import QRScores, sampling_for, score_qr
 from soar_env.models.multi_lora import MultiLora, can_sample_runs, run_logprobs, sample_runs
 from soar_env.problems import Problem
 from soar_env.rl.rloo import NonFiniteLossError, RLOOConfig, RLOOUpdater, rloo_advantages, rloo_loss
@@ -296,10 +296,7 @@ def evaluate_runs(student: Student, specs: Sequence[RunSpec], states: Sequence[A
             out[k] = score_qr(student, list(spec.eval_problems), spec.estimator, samples=spec.eval_samples,
                               max_new_tokens=spec.eval_tokens, state=states[k])
             continue
-        check_estimator(spec.estimator)
-        samples = 1 if spec.estimator == "greedy" else spec.eval_samples
-        if samples < 1:
-            raise ValueError(f"the sampled estimator needs samples >= 1, got {samples}")
+        samples, _ = sampling_for(spec.estimator, spec.eval_samples)
         kinds.setdefault((spec.estimator, samples, spec.eval_tokens), []).append(k)
     for (estimator, samples, eval_tokens), members in kinds.items():
         start = time.perf_counter()

@@ -27,6 +27,11 @@ BACKENDS = ("local", "ray")
 """Where student runs execute. ``local``: sequentially in this process; ``ray``: all g x r runs
 of a step at once on Ray actors (extra ``ray``; see ``soar_env.ray_backend``)."""
 
+SCHEDULING_SETTINGS = ("backend", "batch_runs", "ray_address", "ray_workers", "ray_cpus_per_worker",
+                       "ray_gpus_per_worker", "ray_max_retries", "ray_worker_timeout", "ray_student_factory")
+"""Settings of where and how student runs execute, not of what they compute (the same results, up to
+float round-off): a study may change them between sessions and keep its finished results."""
+
 DTYPES = ("float32", "bfloat16", "float16")
 
 COMPUTE_DTYPES = ("float32", "bfloat16", "auto")

@@ -103,6 +103,18 @@ def decoy_answers(problems: Sequence[Problem]) -> list[str]:
     return decoys
 
 
+def sampling_for(estimator: str, samples: int) -> tuple[int, bool]:
+    """(answers per problem, greedy) that ``estimator`` generates with: greedy one greedy answer,
+    sampled ``samples`` sampled ones; likelihood generates nothing, so where an accuracy is still
+    wanted (logs) it takes the greedy one."""
+    check_estimator(estimator)
+    if estimator != "sampled":
+        return 1, True
+    if samples < 1:
+        raise ValueError(f"the sampled estimator needs samples >= 1, got {samples}")
+    return samples, False
+
+
 def score_qr(student: Any, problems: Sequence[Problem], estimator: str, *, samples: int = 1,
              max_new_tokens: int, seed: int | None = None, state: Any = None) -> QRScores:
     """What ``estimator`` needs from one student state on ``problems``.
@@ -116,19 +128,19 @@ def score_qr(student: Any, problems: Sequence[Problem], estimator: str, *, sampl
     check_estimator(estimator)
     start = time.perf_counter()
     if estimator == "likelihood":
-        decoys = decoy_answers(problems)
-        replies = [answer_reply(p.answer) for p in problems] + [answer_reply(d) for d in decoys]
-        scored = student.answer_logprobs([*problems, *problems], replies, state=state)
+        # Each problem's answer and decoy side by side: they share the prompt, which the scorer runs
+        # once per micro-batch, so they must not fall into different micro-batches.
+        replies = [answer_reply(text) for p, decoy in zip(problems, decoy_answers(problems))
+                   for text in (p.answer, decoy)]
+        scored = student.answer_logprobs([p for p in problems for _ in (0, 1)], replies, state=state)
         # An `AnswerLogprobs` (with the token count), or a bare list of floats from a simpler student.
         logprobs = [float(x) for x in getattr(scored, "logprobs", scored)]
-        return QRScores("likelihood", [], 0, logprobs[: len(problems)], logprobs[len(problems):],
+        return QRScores("likelihood", [], 0, logprobs[0::2], logprobs[1::2],
                         seconds=time.perf_counter() - start, tokens=int(getattr(scored, "tokens", 0)))
-    greedy = estimator == "greedy"
-    if not greedy and samples < 1:
-        raise ValueError(f"the sampled estimator needs samples >= 1, got {samples}")
-    result = student.evaluate(list(problems), samples=1 if greedy else samples, greedy=greedy, state=state,
+    samples, greedy = sampling_for(estimator, samples)
+    result = student.evaluate(list(problems), samples=samples, greedy=greedy, state=state,
                               max_new_tokens=max_new_tokens, seed=seed)
-    return QRScores(estimator, [int(c) for c in result.correct], 1 if greedy else samples,
+    return QRScores(estimator, [int(c) for c in result.correct], samples,
                     seconds=time.perf_counter() - start, tokens=int(getattr(result, "tokens", 0) or 0))
 
 
@@ -171,4 +183,4 @@ def estimate(estimator: str, baseline: QRScores, trained: QRScores) -> float:
 
 
 __all__ = ["REWARD_ESTIMATORS", "QRScores", "answer_reply", "check_estimator", "decoy_answers", "estimate",
-           "qr_level", "score_qr"]
+           "qr_level", "sampling_for", "score_qr"]

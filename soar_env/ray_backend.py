@@ -28,8 +28,8 @@ from typing import Any
 import torch
 
 from soar_env.config import EnvConfig
-from soar_env.batched_runs import batch_unsupported, execute_runs
-from soar_env.runs import RunRecord, RunSpec, execute_run
+from soar_env.batched_runs import BatchedLocalRunner
+from soar_env.runs import LocalRunner, RunRecord, RunSpec
 from soar_env.student import build_student
 
 RESTART_POLL_SECONDS = 0.5
@@ -62,8 +62,9 @@ class StudentWorker:
 
     def __init__(self, config: EnvConfig, threads: int) -> None:
         torch.set_num_threads(max(1, threads))
-        self.config = config
         self.student = load_student_factory(config.ray_student_factory)(config)
+        self.runner = BatchedLocalRunner(self.student) if config.batch_runs else LocalRunner(self.student)
+        """Runs a share: as one batch when ``batch_runs`` and the student allow it, else one by one."""
         self.baseline_id: int | None = None
         self.baseline: Any = None
         self.step = -1
@@ -85,10 +86,7 @@ class StudentWorker:
             self.student.promote(ray.get(baseline_box[0]))
             # Compared with trained states by `execute_run`, so read it back as the student holds it.
             self.baseline, self.baseline_id = self.student.baseline_state(), baseline_id
-        if len(specs) > 1 and self.config.batch_runs and batch_unsupported(self.student) is None:
-            records = execute_runs(self.student, specs, self.baseline)
-        else:
-            records = [execute_run(self.student, spec, self.baseline) for spec in specs]
+        records = self.runner.run(specs, baseline_id=baseline_id, baseline=self.baseline)
         for spec, record in zip(specs, records):
             if record.state is not None:
                 self.states[spec.index] = record.state
@@ -182,7 +180,7 @@ class RayRunner:
         idle = [w for w in self._live() if w not in self._recovering]
         # A unit of work goes to one worker: one run, or with batch_runs a worker's share of the
         # step (specs w, w + W, ...), which it trains as one batch; a failed share is retried whole.
-        shares = max(1, len(idle)) if self.config.batch_runs else len(specs)
+        shares = max(1, len(self._live())) if self.config.batch_runs else len(specs)
         pending = collections.deque(tuple(specs[w::shares]) for w in range(shares) if specs[w::shares])
         runs: dict[Any, tuple[tuple[RunSpec, ...], int]] = {}
         while pending or runs:

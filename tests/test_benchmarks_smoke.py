@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from benchmarks import student_learning, throughput
 
@@ -57,8 +56,9 @@ def test_against_argv_drops_only_its_own_options():
 
 
 def test_env_step_time_against_a_commit_runs_both_trees(tmp_path):
-    """--against times the same rows on another checkout (here HEAD) in separate processes, and
-    each side imports the library from its own tree (the harness from ours)."""
+    """--against times the same rows on another commit (here HEAD, exported) in separate processes,
+    each side importing the library from its own tree (the harness from ours); the repository's
+    worktrees are left as they were."""
     import subprocess
 
     from benchmarks import against, env_step_time
@@ -67,6 +67,7 @@ def test_env_step_time_against_a_commit_runs_both_trees(tmp_path):
         against.git("rev-parse", "--verify", "HEAD")
     except (OSError, subprocess.CalledProcessError):
         pytest.skip("not a git checkout")
+    worktrees = against.git("worktree", "list")
     out = tmp_path / "against.json"
     assert env_step_time.main(["--preset", "tiny", "--grid", "base", "--runs", "1", "--warmup", "0",
                                "--against", "HEAD", "--json", str(out)]) == 0
@@ -75,7 +76,8 @@ def test_env_step_time_against_a_commit_runs_both_trees(tmp_path):
     report = json.loads(out.read_text())
     pairs = report["pairs"]
     assert len(pairs["ours"]) == len(pairs["theirs"]) == 1
-    assert pairs["theirs"][0]["library_file"].startswith(str(against.worktree("HEAD")[0]))
+    assert pairs["theirs"][0]["library_file"].endswith("theirs-library/soar_env")  # an export of HEAD, not ours
     assert pairs["ours"][0]["library_file"] == str(against.REPO / "soar_env")
+    assert against.git("worktree", "list") == worktrees
     step = next(f for f in report["rows"][0]["figures"] if f["figure"] == "step s")
     assert step["ours"][0] > 0 and step["theirs"][0] > 0

@@ -343,3 +343,13 @@ def test_the_updater_refuses_filters_that_do_not_match_its_rows(policy, answer):
     updater = RLOOUpdater(policy.trainable_parameters(), RLOOConfig(), total_steps=1)
     with pytest.raises(ValueError, match="1 token filters for 2 completions"):
         updater.update(policy, rollout, [1.0, 0.0], group_size=2, token_filters=[answer])
+
+def test_row_states_advance_incrementally_as_the_whole_text_would(policy, vocabulary):
+    """The filter extends a row's text token by token; it must equal decoding the whole row at every
+    prefix, multi-byte characters (pieces decoded as U+FFFD) and tags included."""
+    tokenizer = policy.tokenizer
+    ids = tokenizer.encode("Compute 3 ? x , y . été 中文 \\frac{1}{2} <b> done ! </question>", add_special_tokens=False)
+    grammar = QuestionGrammar()
+    token_filter = TokenFilter(vocabulary, grammar, eos_token_ids=policy.eos_token_ids)
+    for t in range(len(ids) + 1):
+        assert token_filter.state(ids[:t]) == grammar.advance(grammar.start, vocabulary.decode(ids[:t])), t

@@ -426,9 +426,13 @@ FAMILIES: tuple[str, ...] = tuple(_GENERATORS)
 """Names accepted by `generate` and `sample_problems`."""
 
 
-def _check_family(family: str) -> None:
-    if family not in _GENERATORS:
-        raise ValueError(f"unknown problem family {family!r}; valid families: {', '.join(FAMILIES)}")
+def checked_families(families: Sequence[str] | None) -> tuple[str, ...]:
+    """``families`` as a tuple (None: all of them); none at all or an unknown name raises ValueError."""
+    chosen = tuple(families) if families is not None else FAMILIES
+    unknown = [name for name in chosen if name not in _GENERATORS]
+    if unknown or not chosen:
+        raise ValueError(f"unknown families {unknown or list(chosen)}; valid families: {', '.join(FAMILIES)}")
+    return chosen
 
 
 def _check_difficulty(difficulty: int) -> int:
@@ -440,7 +444,7 @@ def _check_difficulty(difficulty: int) -> int:
 
 def generate(family: str, rng: RngLike, difficulty: int = 1) -> Problem:
     """One problem of ``family`` at ``difficulty`` (1 easiest, 5 hardest)."""
-    _check_family(family)
+    checked_families([family])
     return _GENERATORS[family](as_generator(rng), _check_difficulty(difficulty))
 
 
@@ -460,11 +464,7 @@ def sample_problems(
     the families and levels cannot give ``n`` distinct problems.
     """
     generator = as_generator(rng)
-    names = tuple(families) if families is not None else FAMILIES
-    if not names:
-        raise ValueError("families must name at least one family")
-    for name in names:
-        _check_family(name)
+    names = checked_families(families)
     levels = [difficulty] if isinstance(difficulty, (int, np.integer)) else list(difficulty)
     if not levels:
         raise ValueError("difficulty must be an integer or a non-empty sequence of integers")
@@ -494,5 +494,5 @@ def sample_problems(
     return problems
 
 
-__all__ = ["FAMILIES", "MAX_DIFFICULTY", "MIN_DIFFICULTY", "WORD_TEMPLATES", "as_generator", "generate",
-           "render", "sample_problems"]
+__all__ = ["FAMILIES", "MAX_DIFFICULTY", "MIN_DIFFICULTY", "WORD_TEMPLATES", "as_generator", "checked_families",
+           "generate", "render", "sample_problems"]

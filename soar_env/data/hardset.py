@@ -32,6 +32,7 @@ import math
 import os
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
@@ -317,6 +318,12 @@ def build_hardset(config: HardSetConfig, policy: "LMPolicy | None" = None, progr
     }
     Path(str(out) + ".meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     return result
+
+
+def draw_eval_subset(pool: Sequence[Problem], size: int, rng: np.random.Generator) -> list[Problem]:
+    """Q_R: ``size`` problems of ``pool`` (all of it when smaller), drawn without replacement."""
+    index = rng.choice(len(pool), size=min(size, len(pool)), replace=False)
+    return [pool[int(i)] for i in index]
 
 
 def bundled_hardset_path() -> Path:

@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from soar_env.envs.results import StepTimings
-from soar_env.estimators import QRScores, score_qr
+from soar_env.estimators import QRScores, sampling_for, score_qr
 from soar_env.problems import Problem
 
 StepKey = tuple[str, int, int, "int | None", tuple[str, ...]]
@@ -29,7 +29,7 @@ class BaselineScores:
 
     def __init__(self, estimator: str, samples: int, max_new_tokens: int) -> None:
         self.estimator = estimator
-        self.samples = samples if estimator == "sampled" else 1
+        self.samples = sampling_for(estimator, samples)[0]
         self.max_new_tokens = max_new_tokens
         self.greedy: dict[int, dict[str, int]] = {}
         """Greedy answers only: state id -> problem id -> correct."""

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from soar_env.config import EnvConfig
-from soar_env.data.hardset import load_hard_pool
+from soar_env.data.hardset import draw_eval_subset, load_hard_pool
 from soar_env.envs.baseline import BaselineScores
 from soar_env.envs.results import DatasetResult, StepTimings
 from soar_env.estimators import QRScores, estimate, qr_level
@@ -115,10 +115,7 @@ class SOARCore:
 
     def draw_eval_subset(self, rng: np.random.Generator) -> None:
         """Q_R: M problems of the hard pool, without replacement (and a new sampling seed)."""
-        pool = self.hard_pool
-        size = min(self.config.eval_subset_size, len(pool))
-        index = rng.choice(len(pool), size=size, replace=False)
-        self.eval_subset = [pool[int(i)] for i in index]
+        self.eval_subset = draw_eval_subset(self.hard_pool, self.config.eval_subset_size, rng)
         self._draw_eval_seed(rng)
 
     def next_step(self, rng: np.random.Generator) -> None:
@@ -313,7 +310,7 @@ class SOARCore:
 
     def _grounded_result(self, runs: Sequence[RunRecord], base: QRScores) -> DatasetResult:
         estimator = self.config.reward_estimator
-        result = DatasetResult(reward=0.0, estimator=estimator)
+        result = DatasetResult(reward=0.0)
         for run in runs:
             # A run left at the baseline's weights (or failed) scores exactly as the baseline did.
             scores = base if run.scores is None else run.scores

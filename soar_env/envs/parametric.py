@@ -18,7 +18,7 @@ import numpy as np
 from gymnasium import spaces
 
 from soar_env.config import EnvConfig
-from soar_env.data.generators import FAMILIES, MAX_DIFFICULTY, MIN_DIFFICULTY, sample_problems
+from soar_env.data.generators import MAX_DIFFICULTY, MIN_DIFFICULTY, checked_families, sample_problems
 from soar_env.envs.soar_math import SOARMathEnv
 from soar_env.problems import Problem
 from soar_env.student import StudentLike
@@ -112,10 +112,7 @@ class SOARMathParamEnv(SOARMathEnv):
     ) -> None:
         super().__init__(preset, config=config, student=student, hard_pool=hard_pool,
                          render_mode=render_mode, **overrides)
-        self.families = tuple(families) if families is not None else FAMILIES
-        unknown = [name for name in self.families if name not in FAMILIES]
-        if not self.families or unknown:
-            raise ValueError(f"unknown families {unknown or self.families!r}; valid: {', '.join(FAMILIES)}")
+        self.families = checked_families(families)
         self.min_level, self.max_level = MIN_DIFFICULTY, MAX_DIFFICULTY
         self.action_space = spaces.Box(-1.0, 1.0, shape=(len(self.families) + 1,), dtype=np.float32)
 

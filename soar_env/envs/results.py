@@ -40,8 +40,6 @@ class DatasetResult:
     """What one dataset did to the student: the reward and everything behind it."""
 
     reward: float
-    estimator: str = ""
-    """Grounded mode: the reward estimator behind ``run_rewards`` (`soar_env.estimators`)."""
     run_rewards: list[float] = field(default_factory=list)
     """Grounded mode: the estimated gain of each of the r runs (greedy: its Q_R accuracy gain)."""
     trained_accuracy: list[float] = field(default_factory=list)

@@ -234,10 +234,35 @@ class TokenFilter:
         """Candidate ids by first character."""
         self._cache: dict[State | None, Tensor] = {}
         self._cache_size = cache_size
+        self._states: dict[tuple[int, ...], tuple[str, State | None]] = {}
+        """Text and state of recently seen rows, so a row one token longer advances from its prefix."""
 
     def state(self, generated: Sequence[int]) -> State | None:
-        """The grammar state of a row's generated ids (None: dead)."""
-        return self.grammar.advance(self.grammar.start, self.vocabulary.decode(generated))
+        """The grammar state of a row's generated ids (None: dead).
+
+        A row one token longer than a row seen before extends that row's text by the last token's
+        text and advances its state by it alone, so a sampled row costs O(T), not a decode and a
+        grammar pass over the whole text at each of its T tokens. Where appending is not what the
+        tokenizer's decode gives (a special token, a piece of a multi-byte character, shown as
+        U+FFFD) the whole row is decoded, so the text is always the one the parser sees.
+        """
+        key = tuple(int(t) for t in generated)
+        known = self._states.get(key)
+        if known is not None:
+            return known[1]
+        shorter = self._states.get(key[:-1]) if key else None
+        piece = self.vocabulary.texts[key[-1]] if key and key[-1] < len(self.vocabulary.texts) else ""
+        if (shorter is not None and piece and "\ufffd" not in piece and not shorter[0].endswith("\ufffd")
+                and key[-1] not in self.vocabulary.special_ids):
+            text = shorter[0] + piece
+            state = None if shorter[1] is None else self.grammar.advance(shorter[1], piece)
+        else:
+            text = self.vocabulary.decode(key)
+            state = self.grammar.advance(self.grammar.start, text)
+        if len(self._states) >= self._cache_size:
+            self._states.clear()
+        self._states[key] = (text, state)
+        return state
 
     def allowed(self, generated: Sequence[int]) -> Tensor:
         """Sorted ids that may follow ``generated`` (never empty: eos at least when nothing else fits)."""

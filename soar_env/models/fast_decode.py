@@ -85,7 +85,7 @@ def sample_rollout(
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     rows = [(i, j) for i in order for j in range(draws)]
     per_prompt: list[list[Completion]] = [[] for _ in encoded]
-    seed = _call_seed(options.seed)
+    seed = call_seed(options.seed)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     for start in range(0, len(rows), options.batch_size):
         batch = rows[start : start + options.batch_size]
@@ -159,7 +159,7 @@ def decode_rows(
     if not row_prompts or max_new_tokens <= 0:
         return [[] for _ in row_prompts]
     greedy = greedy or temperature <= 0
-    seed = _call_seed(seed)
+    seed = call_seed(seed)
     engine = make_engine or engine_for(model, settings)
     device = model_device(model)
     # The llama engine folds adapters in itself; through the model's own forward, fold them
@@ -293,7 +293,7 @@ class _StopCheck:
 # randomness: one stream per row
 
 
-def _call_seed(seed: int | None) -> int:
+def call_seed(seed: int | None) -> int:
     """The seed of a call; without one, drawn from the global torch RNG (as ``generate`` would use it)."""
     if seed is None:
         return int(torch.randint(0, 2**62, (1,)).item())
