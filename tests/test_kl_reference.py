@@ -125,3 +125,46 @@ def test_env_config_chooses_the_reference_and_the_default_is_the_baseline():
         make_config("tiny", kl_reference="base")
     with pytest.raises(ValueError, match="kl_reference"):
         StudentConfig(kl_reference="start")
+
+
+class ReferenceRecomputed:
+    """The policy with the first-update shortcut off: every update runs its reference pass."""
+
+    def __init__(self, policy: LMPolicy) -> None:
+        self.policy = policy
+
+    def reference_is_current(self) -> bool:
+        return False
+
+    def __getattr__(self, name):
+        return getattr(self.policy, name)
+
+
+@pytest.mark.parametrize("state", ["fresh-lora", "set-reference"])
+def test_first_update_reuses_its_own_logprobs_as_the_reference_exactly(state):
+    """A run starts from its KL reference, so the first update skips the reference pass; the
+    updated weights and the KL must be what the full pass gives, and later updates (the weights
+    have moved) must run the pass again."""
+    from soar_env.rl import RLOOConfig, RLOOUpdater
+
+    def two_updates(wrap: bool):
+        policy = tiny_policy(lora=True)
+        if state == "set-reference":
+            start = perturbed(policy, seed=3)
+            policy.load_state_dict_trainable(start)
+            policy.set_reference(start)
+        assert policy.reference_is_current()
+        rollout = rollout_for(policy)
+        updater = RLOOUpdater(policy.trainable_parameters(), RLOOConfig(lr=1e-2, kl_coef=0.5), total_steps=2)
+        rewards = [1.0, 0.0, 0.0, 1.0]
+        first = updater.update(ReferenceRecomputed(policy) if wrap else policy, rollout, rewards, group_size=2)
+        assert not policy.reference_is_current(), "the weights moved: the next update needs its pass"
+        second = updater.update(ReferenceRecomputed(policy) if wrap else policy, rollout, rewards, group_size=2)
+        return policy.state_dict_trainable(), first, second
+
+    reused, first, second = two_updates(wrap=False)
+    recomputed, first_full, second_full = two_updates(wrap=True)
+    assert first["kl"] == first_full["kl"] == 0.0 and second["kl"] > 0
+    assert second["kl"] == pytest.approx(second_full["kl"], rel=1e-6)
+    for name, tensor in reused.items():
+        torch.testing.assert_close(tensor, recomputed[name], rtol=0, atol=1e-7)

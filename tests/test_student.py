@@ -225,7 +225,8 @@ def test_evaluate_with_state_uses_that_state(policy, parity_grader) -> None:
 
 
 def test_update_scores_samples_at_the_sampling_temperature(policy, parity_grader, monkeypatch) -> None:
-    """Samples drawn at T are scored as log softmax(logits / T): on-policy at any temperature."""
+    """Samples drawn at T are scored as log softmax(logits / T): on-policy at any temperature. (The
+    first update reuses its own scores as the reference's; the second runs the reference pass.)"""
     seen: list[tuple[bool, float]] = []
     score = policy.token_logprobs
 
@@ -234,7 +235,7 @@ def test_update_scores_samples_at_the_sampling_temperature(policy, parity_grader
         return score(prompt_ids, completion_ids, **options)
 
     monkeypatch.setattr(policy, "token_logprobs", spy)
-    student = Student(policy, tiny_config(steps=1, temperature=0.5, kl_coef=0.1, skip_zero_advantage=False))
+    student = Student(policy, tiny_config(steps=2, temperature=0.5, kl_coef=0.1, skip_zero_advantage=False))
     assert student.train(PROBLEMS).ok
     assert seen and set(seen) == {(False, 0.5), (True, 0.5)}
 

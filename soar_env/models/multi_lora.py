@@ -45,6 +45,7 @@ from soar_env.models.decoding import SampleOptions, left_pad, positions, trim_co
 from soar_env.models.fast_decode import _splitmix64, call_seed, decode_rows, row_seed
 from soar_env.models.policy import LMPolicy
 from soar_env.models.rollout import Completion, Rollout
+from soar_env.models.scoring import picked_logprobs
 
 MASK64 = 0xFFFFFFFFFFFFFFFF
 
@@ -227,7 +228,8 @@ def run_logprobs(policy: LMPolicy, bank: MultiLora, prompt_ids: Sequence[Sequenc
         predictors = torch.cat([prompt_hidden[index, None], hidden[:, :-1]], 1)  # (B, T, H)
         logits = base.get_output_embeddings()(predictors[token_mask])  # (N, V)
     with torch.autocast(device.type, enabled=False):
-        return policy._picked_logprobs(base, logits.float(), tokens, token_mask, temperature), token_mask
+        softcap = getattr(base.config, "final_logit_softcapping", None)
+        return picked_logprobs(logits.float(), tokens, token_mask, temperature=temperature, softcap=softcap), token_mask
 
 
 # ------------------------------------------------------------------------------------------------

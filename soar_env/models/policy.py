@@ -47,6 +47,7 @@ from soar_env.models.generate import generate_rollout
 from soar_env.models.precision import resolve_compute_dtype
 from soar_env.models.resolve import load_model, prepare_tokenizer
 from soar_env.models.rollout import Completion, Rollout
+from soar_env.models.scoring import picked_logprobs
 
 LLAMA_LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 """Every linear projection of a Llama block (also the names in Qwen2, Mistral, SmolLM2)."""
@@ -334,23 +335,8 @@ class LMPolicy(SamplerBase):
         if token_filters is not None:
             allowed = position_masks(completion_ids, token_filters, logits.shape[-1], self.device)
         with torch.autocast(self.device.type, enabled=False):
-            return self._picked_logprobs(base, logits.float(), tokens, token_mask, temperature, allowed)
-
-    def _picked_logprobs(self, base: PreTrainedModel, logits: Tensor, tokens: Tensor, token_mask: Tensor,
-                         temperature: float, allowed: Tensor | None = None) -> Tensor:
-        """(B, T) log-probs of ``tokens`` from fp32 ``logits`` (N, V) of the N masked positions.
-
-        ``allowed`` (N, V) renormalises each position over its allowed tokens (constrained rows).
-        """
-        cap = getattr(base.config, "final_logit_softcapping", None)
-        if cap:
-            logits = torch.tanh(logits / cap) * cap
-        logits = logits / temperature
-        if allowed is not None:
-            logits = logits.masked_fill(~allowed, float("-inf"))
-        targets = tokens[token_mask]  # (N,)
-        picked = logits.gather(1, targets[:, None]).squeeze(1) - torch.logsumexp(logits, 1)  # (N,)
-        return torch.zeros(token_mask.shape, dtype=picked.dtype, device=self.device).masked_scatter(token_mask, picked)
+            return picked_logprobs(logits.float(), tokens, token_mask, temperature=temperature, allowed=allowed,
+                                   softcap=getattr(base.config, "final_logit_softcapping", None))
 
     def _autocast(self) -> Any:
         """bf16 matrix products for :attr:`compute_dtype` bfloat16; nothing for float32."""
@@ -390,6 +376,17 @@ class LMPolicy(SamplerBase):
     def reset_reference(self) -> None:
         """Default reference, full fine-tuning: the next reference call snapshots the weights as they are."""
         self._reference_model = None
+
+    def reference_is_current(self) -> bool:
+        """Whether a reference pass would score what the trainable weights score now: true at the
+        first update of an inner run, which starts from its KL reference; the update then reuses
+        its own log-probs instead of running the same forward twice."""
+        trainable = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        if self._reference_state is not None:
+            return all(torch.equal(p, self._reference_state[n]) for n, p in trainable.items())
+        if self.lora is not None:  # the reference is the base model: equal while every lora_B is zero
+            return not any(bool(p.any()) for n, p in trainable.items() if "lora_B" in n)
+        return False  # full fine-tuning's frozen copy is taken by the first reference pass itself
 
     def _frozen_reference(self) -> PreTrainedModel:
         if self._reference_model is None:

@@ -283,6 +283,9 @@ class RLOOUpdater:
         normalizer = float(total_tokens) if config.loss_normalization == "tokens" else float(n)
         scoring = {} if temperature == 1.0 else {"temperature": float(temperature)}
         loss_sum, pg_sum, kl_token_sum, adv_sum = 0.0, 0.0, 0.0, 0.0
+        # A run's first update starts from its KL reference: the reference pass would repeat the
+        # policy's forward exactly, so its log-probs are reused (one forward in four at 4 steps).
+        reuse_reference = config.kl_coef > 0 and bool(getattr(policy, "reference_is_current", lambda: False)())
         for start in range(0, n, micro):
             idx = list(range(start, min(start + micro, n)))
             prompt_ids = [rollout.prompt_ids[i] for i in idx]
@@ -290,7 +293,9 @@ class RLOOUpdater:
             masks = {} if token_filters is None else {"token_filters": [token_filters[i] for i in idx]}
             logprobs, mask = policy.token_logprobs(prompt_ids, completion_ids, **scoring, **masks)  # (b, T), (b, T)
             ref_logprobs = None
-            if config.kl_coef > 0:
+            if reuse_reference:
+                ref_logprobs = logprobs.detach()
+            elif config.kl_coef > 0:
                 with torch.no_grad():
                     ref_logprobs, _ = policy.token_logprobs(prompt_ids, completion_ids, reference=True, **scoring,
                                                             **masks)
