@@ -57,8 +57,9 @@ RESULTS_ROOT = Path(__file__).resolve().parent / "results"
 EVAL_SEED = 1_000_000
 """Scoring seed of run i is EVAL_SEED + i: apart from its training seed i, so no scored answer
 shares a random stream with a training sample."""
-FORMAT = 1
-"""Version of the job files; a change to what a job measures bumps it."""
+FORMAT = 2
+"""Version of the job files; a change to what a job measures bumps it. 2: the likelihood
+estimator's decoys are the answers with every digit shifted (1: another Q_R answer)."""
 
 
 @dataclass

@@ -16,9 +16,9 @@ what the baseline does. `score_qr` measures one state (`QRScores`, the raw outpu
   carries only the noise of what did change; k answers make the rate finer than 1 / M.
 - ``likelihood``: teacher-forced, no generation. The gain in the mean per-token log-prob of
   each problem's reference answer (written as the student prompt asks: ``\\boxed{answer}``)
-  minus the same gain on a decoy, a wrong answer of the same form (another Q_R problem's
-  answer). Training that only makes answer-shaped text likelier moves both by the same
-  amount and earns ~0; only a shift towards the right answer scores. Units: nats per token.
+  minus the same gain on a decoy, the answer with every digit shifted (same tokens, length and
+  form, wrong). Training that only makes answer-shaped text likelier moves both by the same
+  amount and earns ~0; only a shift towards the right digits scores. Units: nats per token.
 
 The estimators measure different things on different scales, so tau
 (``promotion_threshold``) is set with the estimator.
@@ -83,22 +83,41 @@ def _same_answer(a: str, b: str) -> bool:
     return "".join(a.split()) == "".join(b.split())
 
 
-def decoy_answers(problems: Sequence[Problem]) -> list[str]:
-    """A wrong answer of the same form for each problem, deterministically.
+def shifted_digits(answer: str) -> str | None:
+    """``answer`` with every digit d replaced by d + 1 (9 by 0; a number may not start with 0,
+    so a leading 9 of a longer number becomes 1): wrong at every digit, the same length and
+    form. None when the answer has no digit."""
+    if not any(c.isdigit() for c in answer):
+        return None
+    out = []
+    for i, c in enumerate(answer):
+        if not c.isdigit():
+            out.append(c)
+            continue
+        shifted = str((int(c) + 1) % 10)
+        leading = not (i > 0 and answer[i - 1].isdigit())
+        longer = i + 1 < len(answer) and answer[i + 1].isdigit()
+        out.append("1" if shifted == "0" and leading and longer else shifted)
+    return "".join(out)
 
-    Problem i gets the answer of the next problem after it (cyclically) whose answer differs
-    from its own (ignoring whitespace): a real answer of Q_R, so of the form the reference
-    answers take. When no other answer differs (one problem, or all answers equal) it gets its
-    own answer plus one if that is an integer, else its own answer with a "1" appended.
+
+def decoy_answers(problems: Sequence[Problem]) -> list[str]:
+    """A wrong answer of the same form and length for each problem, deterministically.
+
+    Every digit is shifted (`shifted_digits`: 1545 -> 2656, 27/140 -> 38/251, \\frac{3}{4} ->
+    \\frac{4}{5}), so the decoy has the answer's tokens, length and magnitude and differs only in
+    being wrong. (The first panel used another Q_R problem's answer instead: training on a batch
+    of tiny answers then raised short right answers over long decoys, and the degenerate batch
+    scored highest; benchmarks/README.md, section 8.) An answer without digits takes the next
+    answer of ``problems`` (cyclically) that differs from it, else itself with "1" appended.
     """
     answers = [p.answer for p in problems]
     decoys = []
     for i, answer in enumerate(answers):
-        others = (answers[(i + j) % len(answers)] for j in range(1, len(answers)))
-        decoy = next((other for other in others if not _same_answer(other, answer)), None)
+        decoy = shifted_digits(answer)
         if decoy is None:
-            stripped = answer.strip()
-            decoy = str(int(stripped) + 1) if stripped.lstrip("-").isdigit() else stripped + "1"
+            others = (answers[(i + j) % len(answers)] for j in range(1, len(answers)))
+            decoy = next((other for other in others if not _same_answer(other, answer)), answer.strip() + "1")
         decoys.append(decoy)
     return decoys
 
@@ -183,4 +202,4 @@ def estimate(estimator: str, baseline: QRScores, trained: QRScores) -> float:
 
 
 __all__ = ["REWARD_ESTIMATORS", "QRScores", "answer_reply", "check_estimator", "decoy_answers", "estimate",
-           "qr_level", "sampling_for", "score_qr"]
+           "qr_level", "sampling_for", "score_qr", "shifted_digits"]

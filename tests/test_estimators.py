@@ -77,14 +77,16 @@ def test_estimate_refuses_scores_it_cannot_compare():
     assert set(REWARD_ESTIMATORS) == {"greedy", "sampled", "likelihood"}
 
 
-def test_decoys_are_other_answers_of_q_r_skipping_equal_ones():
-    problems = [Problem(f"q{i}", answer) for i, answer in enumerate(["3", "3 ", "\\frac{1}{2}", "3", "7"])]
-    decoys = decoy_answers(problems)
-    assert decoys == ["\\frac{1}{2}", "\\frac{1}{2}", "3", "7", "3"]
-    assert decoy_answers(problems) == decoys, "deterministic"
-    assert all(d.strip() != p.answer.strip() for d, p in zip(decoys, problems))
-    assert decoy_answers([Problem("q", "41")]) == ["42"], "no other answer: a near miss of the same form"
-    assert decoy_answers([Problem("q", "x+1"), Problem("r", "x+1")]) == ["x+11", "x+11"]
+def test_decoys_are_the_answers_with_every_digit_wrong_same_length_and_form():
+    answers = ["1545", "27/140", "-1/8", "\\frac{3}{4}", "0", "99", "3.5", "x+1"]
+    decoys = decoy_answers([Problem(f"q{i}", answer) for i, answer in enumerate(answers)])
+    assert decoys == ["2656", "38/251", "-2/9", "\\frac{4}{5}", "1", "10", "4.6", "x+2"]
+    for answer, decoy in zip(answers, decoys):
+        assert len(decoy) == len(answer)
+        assert all((a == d) != a.isdigit() for a, d in zip(answer, decoy)), "every digit wrong, the rest kept"
+    no_digits = [Problem("q", "x"), Problem("r", "x"), Problem("s", "y")]
+    assert decoy_answers(no_digits) == ["y", "y", "x"], "no digit: another answer that differs"
+    assert decoy_answers([Problem("q", "x")]) == ["x1"]
 
 
 # --- score_qr on the scripted student ----------------------------------------------------------------
@@ -108,7 +110,9 @@ def test_format_only_training_earns_nothing_under_likelihood():
     assert np.mean(trained.answer_logprob) - np.mean(base.answer_logprob) == pytest.approx(1.5), "format moved"
     assert estimate("likelihood", base, trained) == pytest.approx(0.0, abs=1e-12)
     assert base.answer_logprob == [LOGPROB_FLOOR + 0.3] * len(POOL)
-    assert student.logprob_calls[0]["answers"][:2] == [answer_reply(POOL[0].answer), answer_reply(POOL[1].answer)]
+    # Each answer beside its decoy (they share a prompt, so one micro-batch scores both).
+    assert student.logprob_calls[0]["answers"][:2] == [answer_reply(POOL[0].answer),
+                                                       answer_reply(decoy_answers(POOL)[0])]
 
 
 def test_same_seed_gives_the_same_sampled_estimate_and_another_seed_may_not():
