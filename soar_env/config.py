@@ -75,9 +75,9 @@ class EnvConfig:
     estimator_samples answers per problem at the temperature, the baseline and every trained student
     drawing with the same per-problem seeds (common random numbers), sampled afresh every step.
     "likelihood": no generation; the gain in mean per-token log-prob of each problem's reference
-    answer (as \boxed{answer}) given the student prompt, minus the same gain on a wrong answer of the
-    same form (another Q_R problem's answer), so format alone earns ~0; in nats per token. A deviation
-    from the paper unless "greedy"; see soar_env.estimators."""
+    answer (as \\boxed{answer}) given the student prompt, minus the same gain on a wrong answer of the
+    same form and length (every digit shifted), so format alone earns ~0; in nats per token. A
+    deviation from the paper unless "greedy"; see soar_env.estimators."""
     estimator_samples: int = 4
     """Answers per Q_R problem of the "sampled" reward estimator (finer than 1/M, at k times the cost)."""
     intrinsic_samples: int = 32
