@@ -44,6 +44,8 @@ CONTROLS = ("hard-only", "ill-posed", "shuffled", "base-teacher", "empty", "dege
 """The datasets that are not stepping stones."""
 POWER_CONTROLS = ("ill-posed", "shuffled", "hard-only", "empty")
 """The controls every stepping-stone set is compared with for detection power."""
+NULL_CONTROLS = ("ill-posed", "shuffled")
+"""Datasets with no right answer to learn: their rewards are the estimator's noise (issue 16, item 5)."""
 SHUFFLED_LEVELS = (1, 2)
 """Difficulties of the stepping-stone set whose answers ``shuffled`` permutes."""
 DEGENERATE = Problem("What is 1 + 1?", "2", source="panel:degenerate")

@@ -24,7 +24,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from benchmarks.reward_panel import POWER_CONTROLS, is_stone, panel_names
+from benchmarks.reward_panel import NULL_CONTROLS, POWER_CONTROLS, is_stone, panel_names
 from benchmarks.timing import mean_std
 from soar_env.atomic import atomic_write_text
 from soar_env.estimators import REWARD_ESTIMATORS, QRScores, estimate, qr_level
@@ -53,6 +53,14 @@ def pooled_power(pairs: Sequence[tuple[Mapping[int, float], Mapping[int, float]]
             total += power * n
             count += n
     return (total / count if count else None), count
+
+
+def noise_level(null_rewards: Sequence[float]) -> float | None:
+    """Mean + 2 sd of the rewards of datasets with nothing right to learn (`NULL_CONTROLS`, every
+    run pooled): a reward above it is "above the noise". None without at least two such runs."""
+    if len(null_rewards) < 2:
+        return None
+    return float(np.mean(null_rewards) + 2 * np.std(null_rewards, ddof=1))
 
 
 def average_ranks(values: Sequence[float]) -> np.ndarray:
@@ -142,6 +150,13 @@ def summarize(jobs: Mapping[str, Any]) -> dict[str, Any]:
             "estimators": {e: {"mean_sd": mean_std(list(per[e].values())), "n": len(per[e]),
                                "per_run": {str(r): v for r, v in sorted(per[e].items())}} for e in REWARD_ESTIMATORS},
         }
+    noise = {e: noise_level([v for c in NULL_CONTROLS if c in estimates for v in estimates[c][e].values()])
+             for e in REWARD_ESTIMATORS}
+    for name, row in datasets.items():
+        for e in REWARD_ESTIMATORS:
+            values = list(estimates[name][e].values())
+            row["estimators"][e]["above_noise"] = (None if noise[e] is None or not values
+                                                   else sum(v > noise[e] for v in values) / len(values))
     stones = [n for n in estimates if is_stone(n)]
     controls = [c for c in POWER_CONTROLS if c in estimates]
     power: dict[str, Any] = {}
@@ -169,7 +184,8 @@ def summarize(jobs: Mapping[str, Any]) -> dict[str, Any]:
     for e in REWARD_ESTIMATORS:
         x = [datasets[n]["estimators"][e]["mean_sd"][0] for n in common]
         rank[e] = {"rho": spearman(x, [downstream[n]["value"] for n in common]), "datasets": len(common)}
-    return {"datasets": datasets, "power": power, "controls": controls, "downstream": downstream, "spearman": rank,
+    return {"datasets": datasets, "noise": noise, "power": power, "controls": controls, "downstream": downstream,
+            "spearman": rank,
             "seconds_per_estimate": {e: {"mean_sd": mean_std(v), "n": len(v)} for e, v in seconds.items()},
             "baseline_runs": sorted(baselines),
             "baseline": {e: {"mean_sd": mean_std([qr_level(s[e]) for s in baselines.values()])}
@@ -221,6 +237,13 @@ def markdown(cfg: Any, results: Mapping[str, Any], command: str | None = None) -
         size = "/".join(str(s) for s in row["size"])
         lines.append(f"| {name} | {size} | " + " | ".join(cells)
                      + f" | {len(row['runs'])} | {row['unchanged_runs']} | {row['train_seconds'][0]:.0f} |")
+    if any(v is not None for v in results["noise"].values()):
+        lines += ["", "## Runs above the noise (reward > mean + 2 sd of every " + " and ".join(NULL_CONTROLS)
+                  + " run: " + ", ".join(f"{e} {_num(results['noise'][e])}" for e in est) + ")", "",
+                  "| dataset | " + " | ".join(est) + " |", "|---|" + "---:|" * len(est)]
+        for name, row in results["datasets"].items():
+            shares = [row["estimators"][e]["above_noise"] for e in est]
+            lines.append(f"| {name} | " + " | ".join("—" if v is None else f"{v:.0%}" for v in shares) + " |")
     if results["power"] and results["controls"]:
         lines += ["", "## Detection power: P(stepping-stone set scores above the control), paired by run, "
                       "ties half (" + " / ".join(est) + ")", "",
@@ -263,5 +286,5 @@ def write_report(cfg: Any, jobs: Mapping[str, Any], skipped: Sequence[str], fail
     return {**results, "markdown": text}
 
 
-__all__ = ["SettingsMismatch", "average_ranks", "collect", "load_job", "detection_power", "markdown", "pooled_power", "spearman", "summarize",
-           "write_report"]
+__all__ = ["SettingsMismatch", "average_ranks", "collect", "detection_power", "load_job", "markdown", "noise_level",
+           "pooled_power", "spearman", "summarize", "write_report"]

@@ -112,6 +112,10 @@ def test_summary_of_hand_made_jobs():
     # stones vs ill-posed: run 0 win, run 1 tie, run 2 tie -> (1 + 0.5 + 0.5) / 3
     assert results["power"]["stones-mixed-d1"]["ill-posed"]["greedy"] == {"p": pytest.approx(2 / 3), "n": 3}
     assert results["power"]["stones-mixed-d1"]["empty"]["greedy"]["p"] == pytest.approx(2.5 / 3)
+    # noise: the ill-posed runs' greedy gains 0, +0.25, 0 -> mean + 2 sd = 1/12 + 2 * sqrt(1/48)
+    assert results["noise"]["greedy"] == pytest.approx(1 / 12 + 2 * np.sqrt(1 / 48))
+    assert stones["above_noise"] == pytest.approx(1 / 3)  # only run 0's +0.5 clears 0.372
+    assert results["datasets"]["ill-posed"]["estimators"]["greedy"]["above_noise"] == 0.0
     # seconds per estimate: 3 baselines + 6 changed states, 0.5 s each; the unchanged empty runs are not scored
     assert results["seconds_per_estimate"]["greedy"] == {"mean_sd": (0.5, 0.0), "n": 9}
     # downstream ranks: stones > ill-posed > empty in both -> rho 1 for greedy
