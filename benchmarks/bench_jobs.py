@@ -1,9 +1,10 @@
 """The jobs of a teacher comparison: run one (method, seed) and keep what it measured in a job file.
 
 A job file (``OUT/jobs/METHOD-seedS.json``) holds the settings that decide what the job
-measured, its table rows (one `ProtocolResult` dict per row) and its teacher's meta-training
-record. It is written atomically once the job ends, so a killed study keeps every finished job
-and a re-run on the same folder runs only the missing ones.
+measured, its table rows (one `ProtocolResult` dict per row: per hard-test problem its id and
+correct samples, for paired comparisons) and its teacher's meta-training record. It is written
+atomically once the job ends, so a killed study keeps every finished job and a re-run on the
+same folder runs only the missing ones.
 """
 
 from __future__ import annotations
@@ -122,6 +123,8 @@ def run_job(bench: BenchConfig, method: str, seed: int) -> dict[str, Any]:
     torch.set_num_threads(bench.threads)
     out = Path(bench.out)
     settings = bench.evaluation()
+    # The fresh student, its training and its hard-test samples are seeded by ``seed`` alone, never by the
+    # method, so every method's (seed, problem) pairs line up (the report's paired differences).
     config = make_config(bench.preset, seed=seed)
     hard_train, hard_test = hard_splits(config)  # one split per hard set, whatever the seed
     started = time.perf_counter()
@@ -142,7 +145,8 @@ def run_job(bench: BenchConfig, method: str, seed: int) -> dict[str, Any]:
         scores, test = evaluation.test_pass_at_k(build_student(config), hard_test, settings, seed=seed,
                                                  max_new_tokens=config.eval_tokens)
         add(method, evaluation.ProtocolResult("base", seed, scores, list(test.correct), settings.samples,
-                                              tokens=test.tokens, seconds=time.perf_counter() - t0))
+                                              tokens=test.tokens, seconds=time.perf_counter() - t0,
+                                              problem_ids=evaluation.hard_test_ids(hard_test, settings)))
     elif method == "hard-only":
         add(method, evaluation.run_pq(config, [], hard_train, hard_test, settings, seed=seed, protocol="Hard-Only"))
     else:

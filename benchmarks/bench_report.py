@@ -1,4 +1,4 @@
-"""The report of a teacher comparison: pass@k table with CIs, question analysis, TensorBoard, plots.
+"""The report of a teacher comparison: pass@k with CIs, paired differences, question analysis, TensorBoard, plots.
 
 Everything here is computed from the job files' rows (`benchmarks.bench_jobs`), so a study's
 tables can be regenerated from its ``jobs/`` folder alone.
@@ -24,7 +24,10 @@ from benchmarks.bench_config import (
     BenchConfig,
     paper_differences,
 )
-from benchmarks.evaluation import bootstrap_pass_at_k
+from benchmarks.bootstrap import bootstrap_ci, bootstrap_pass_at_k, bootstrap_pass_at_k_difference
+
+REFERENCES = ("hard-only", "base-student")
+"""The rows every method is compared with pair by pair (the paired table): Hard-Only, then Base."""
 
 
 def analyze_teachers(bench: BenchConfig, out: Path) -> dict[str, Any]:
@@ -81,6 +84,17 @@ def mean_meta(entries: list[dict[str, Any]]) -> dict[str, float] | None:
     return {key: round(sum(m.get(key, 0) for m in metas) / len(metas), 1) for key in metas[0]}
 
 
+def row_pass_at_k(entries: list[dict[str, Any]], k: int) -> list[float]:
+    """[mean, low, high] pass@k (%) of one row, bootstrapped over seeds and problems.
+
+    Rows without per-problem counts have only their stored pass@k: the CI is then over seeds alone.
+    """
+    if all(e.get("correct") for e in entries):
+        return [100 * v for v in bootstrap_pass_at_k([e["correct"] for e in entries], entries[0]["samples"], k,
+                                                     n_resamples=2000)]
+    return [100 * v for v in bootstrap_ci([e["pass_at_k"][str(k)] for e in entries], n_resamples=2000)]
+
+
 def aggregate(rows: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     """Per row and k: mean pass@k with a bootstrap 95% CI over seeds and problems (in %)."""
     table: dict[str, Any] = {}
@@ -89,15 +103,68 @@ def aggregate(rows: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
         ks = [k for k in KS if k <= samples]
         table[row] = {
             "seeds": len(entries),
-            "pass_at_k": {str(k): [100 * v for v in bootstrap_pass_at_k([e["correct"] for e in entries], samples, k,
-                                                                         n_resamples=2000)] for k in ks},
+            "pass_at_k": {str(k): row_pass_at_k(entries, k) for k in ks},
             "student_steps": sum(e["student_steps"] for e in entries) / len(entries),
             "tokens": sum(e["tokens"] for e in entries) / len(entries),
             "seconds": sum(e["seconds"] for e in entries) / len(entries),
             "meta": mean_meta(entries),
             "notes": sorted({e["note"] for e in entries if e.get("note")}),
         }
+        if not all(e.get("correct") for e in entries):
+            table[row]["notes"].append("CI over seeds only: rows without per-problem counts")
     return table
+
+
+def paired_differences(rows: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, dict[str, Any]]]:
+    """Per reference, row and k: row minus reference in pass@k (% points) on their common (seed, problem) pairs.
+
+    Each entry is {"diff", "low", "high", "pairs"} (paired bootstrap 95% CI) or None: the reference
+    was not run, or no pair is in both (e.g. rows without per-problem counts).
+    """
+    paired: dict[str, dict[str, dict[str, Any]]] = {}
+    for reference in REFERENCES:
+        paired[reference] = {}
+        for row, entries in rows.items():
+            if row == reference:
+                continue
+            samples = min(e["samples"] for e in entries + rows.get(reference, []))
+            cells: dict[str, Any] = {}
+            for k in (k for k in KS if k <= samples):
+                found = bootstrap_pass_at_k_difference(entries, rows.get(reference, []), k, n_resamples=2000)
+                cells[str(k)] = None if found is None else {
+                    "diff": 100 * found.mean, "low": 100 * found.low, "high": 100 * found.high, "pairs": found.pairs}
+            paired[reference][row] = cells
+    return paired
+
+
+def difference_cell(entry: dict[str, Any] | None) -> str:
+    """"+1.2 [-0.3, +2.8] (117)": a paired difference in % points, its 95% CI and its pairs; "—" without pairs."""
+    if entry is None:
+        return "—"
+    return f"{entry['diff']:+.1f} [{entry['low']:+.1f}, {entry['high']:+.1f}] ({entry['pairs']})"
+
+
+def paired_markdown(bench: BenchConfig, paired: dict[str, dict[str, dict[str, Any]]]) -> str:
+    """Markdown: each method minus Hard-Only and minus Base, pass@k (% points) with paired 95% CIs."""
+    ks = [k for k in KS if k <= bench.samples]
+    lines = ["| method | minus | " + " | ".join(f"Δ pass@{k}" for k in ks) + " |", "|---|---|" + "---|" * len(ks)]
+    for row in ROW_ORDER:
+        for reference in REFERENCES:
+            if row in paired.get(reference, {}):
+                cells = [difference_cell(paired[reference][row].get(str(k))) for k in ks]
+                lines.append(f"| {ROW_NAMES[row]} | {ROW_NAMES[reference]} | " + " | ".join(cells) + " |")
+    if len(lines) == 2:
+        return ""
+    text = ("\nPaired differences (% points): method minus reference on the (seed, hard-test problem) pairs both "
+            "measured (every method's fresh student is tested with the same seeds on the same problems); "
+            "[low, high] = bootstrap 95% CI resampling seeds and problems, one draw for both methods; "
+            "(n) = pairs; — = no pairs (reference not run, or rows without per-problem counts).\n\n"
+            + "\n".join(lines) + "\n")
+    headline = paired.get("hard-only", {}).get("soar-pq")
+    if headline is not None:
+        text += ("\nSOAR PQ − Hard-Only, paired: "
+                 + "; ".join(f"pass@{k} {difference_cell(headline.get(str(k)))}" for k in ks) + ".\n")
+    return text
 
 
 def protocol_line(bench: BenchConfig) -> str:
@@ -115,8 +182,8 @@ def protocol_line(bench: BenchConfig) -> str:
             f"measured every {evaluation.eval_every} steps.")
 
 
-def markdown_table(bench: BenchConfig, table: dict[str, Any]) -> str:
-    """The paper's layout: rows = methods, columns = pass@k (%) with 95% CIs.
+def markdown_table(bench: BenchConfig, table: dict[str, Any], paired: dict[str, Any] | None = None) -> str:
+    """The paper's layout: rows = methods, columns = pass@k (%) with 95% CIs; then the paired differences.
 
     The paper's MATH numbers stand beside ours only when this study's settings are the paper's
     (`paper_differences`); a paper-preset study with other settings lists them under the table,
@@ -149,6 +216,7 @@ def markdown_table(bench: BenchConfig, table: dict[str, Any]) -> str:
         text += (f"\nPaper, different settings ({'; '.join(differences)}), not comparable with the table: "
                  f"{PAPER_SETTINGS}, pass@1/4/8/16/32: "
                  + "; ".join(f"{ROW_NAMES[row]} {paper_numbers(row)}" for row in ROW_ORDER if row in PAPER_MATH) + ".\n")
+    text += paired_markdown(bench, paired) if paired else ""
     return text + ("\nNotes:\n" + "\n".join(notes) + "\n" if notes else "")
 
 
@@ -162,10 +230,12 @@ def write_results(bench: BenchConfig, out: Path, rows: dict[str, Any], teachers:
                   failed: dict[str, str], seconds: float, analysis: dict[str, Any] | None = None) -> dict[str, Any]:
     """``results.json`` and ``results.md`` (and the plots) of the jobs finished so far."""
     table = aggregate(rows) if rows else {}
-    results = {"config": dataclasses.asdict(bench), "rows": rows, "table": table, "teachers": teachers,
-               "analysis": analysis or {}, "skipped": skipped, "failed": failed, "wall_seconds": round(seconds, 1)}
+    paired = paired_differences(rows) if rows else {}
+    results = {"config": dataclasses.asdict(bench), "rows": rows, "table": table, "paired": paired,
+               "teachers": teachers, "analysis": analysis or {}, "skipped": skipped, "failed": failed,
+               "wall_seconds": round(seconds, 1)}
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    (out / "results.md").write_text(markdown_table(bench, table) + analysis_table(analysis or {}, bench)
+    (out / "results.md").write_text(markdown_table(bench, table, paired) + analysis_table(analysis or {}, bench)
                                     + (f"\nSkipped (budget): {', '.join(skipped)}\n" if skipped else "")
                                     + "".join(f"\nFailed: {job}: {error}\n" for job, error in failed.items()))
     if bench.plots:

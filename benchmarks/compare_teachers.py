@@ -26,7 +26,9 @@ For each seed and method:
 7. ``alp-gmm``: the ALP-GMM curriculum teacher over the generator space (absolute learning
    progress on the grounded reward), meta-trained, then like SOAR PQ.
 
-Every method is tested on the same hard-test problems with ``samples`` sampled solutions each.
+Every method is tested on the same hard-test problems with ``samples`` sampled solutions each, and
+seed s seeds every method's fresh student and its test samples, so the report also gives each method
+minus Hard-Only and minus Base on matched (seed, problem) pairs, with paired bootstrap CIs.
 Writes ``results.json``, ``results.md`` (paper-style table; the paper's MATH numbers beside
 ours only when the settings are the paper's, else labelled with what differs), ``plots/*.png`` (when matplotlib is installed), ``tensorboard/`` (each fresh student's
 held-out curve and test pass@k), one run dir per meta-trained teacher
@@ -168,7 +170,8 @@ def run_from_args(args: argparse.Namespace) -> int:
     """``soar bench``: run the study and print its tables; exit status 1 when a job failed."""
     bench = dataclass_from_args(BenchConfig, args)
     results = run_study(bench)
-    print(markdown_table(bench, results["table"]) + analysis_table(results.get("analysis", {}), bench))
+    print(markdown_table(bench, results["table"], results.get("paired"))
+          + analysis_table(results.get("analysis", {}), bench))
     print(f"wrote {Path(bench.out) / 'results.json'} and results.md ({results['wall_seconds']:.0f} s)")
     for job, error in results["failed"].items():
         print(f"failed: {job}: {error}", file=sys.stderr)

@@ -1,7 +1,8 @@
-"""The paper's evaluation protocols: PQ, PS, pass@k on the hard test split, bootstrap CIs.
+"""The paper's evaluation protocols: PQ, PS, pass@k on the hard test split (CIs: benchmarks.bootstrap).
 
     from soar_env.data.hardset import hard_splits
-    from benchmarks.evaluation import EvalConfig, run_pq, run_ps, bootstrap_ci
+    from benchmarks.evaluation import EvalConfig, run_pq, run_ps
+    from benchmarks.bootstrap import bootstrap_ci
     hard_train, hard_test = hard_splits(env_config)
     result = run_pq(env_config, promoted_questions, hard_train, hard_test, EvalConfig(mode="curriculum"), seed=0)
     print(result.pass_at_k)                          # {1: 0.017, 4: 0.053, ...}
@@ -40,7 +41,7 @@ import numpy as np
 
 from agents import BaseCallback, env_core
 from soar_env.options import check_minimum
-from soar_env.metrics import mean_pass_at_k, pass_at_k
+from soar_env.metrics import mean_pass_at_k
 
 DEFAULT_KS = (1, 4, 8, 16, 32)
 MODES = ("curriculum", "mixed")
@@ -130,61 +131,13 @@ class ProtocolResult:
     selection_accuracy: list[float] = field(default_factory=list)
     """PS: greedy hard-train accuracy of every promoted student."""
     note: str = ""
+    problem_ids: list[str] = field(default_factory=list)
+    """Id of each hard-test problem, in the order of ``correct``: paired comparisons match problems by it."""
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out["pass_at_k"] = {str(k): v for k, v in self.pass_at_k.items()}
         return out
-
-
-# ---------------------------------------------------------------------------------------------
-# Statistics
-# ---------------------------------------------------------------------------------------------
-
-
-def bootstrap_ci(values: Sequence[float], *, n_resamples: int = 10000, confidence: float = 0.95,
-                 seed: int = 0) -> tuple[float, float, float]:
-    """(mean, low, high): percentile bootstrap CI of the mean of ``values``.
-
-    One value gives (v, v, v); the interval is degenerate, not "certain".
-    """
-    data = np.asarray(list(values), dtype=float)
-    if data.size == 0:
-        raise ValueError("bootstrap_ci needs at least one value")
-    if not 0 < confidence < 1:
-        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
-    mean = float(data.mean())
-    if data.size == 1:
-        return mean, mean, mean
-    rng = np.random.default_rng(seed)
-    index = rng.integers(0, data.size, size=(n_resamples, data.size))  # (R, N)
-    means = data[index].mean(axis=1)
-    alpha = (1 - confidence) / 2
-    return mean, float(np.quantile(means, alpha)), float(np.quantile(means, 1 - alpha))
-
-
-def bootstrap_pass_at_k(correct_by_seed: Sequence[Sequence[int]], samples: int, k: int, *,
-                        n_resamples: int = 10000, confidence: float = 0.95,
-                        seed: int = 0) -> tuple[float, float, float]:
-    """(mean, low, high) of pass@k, resampling seeds and problems together (two-level bootstrap).
-
-    ``correct_by_seed[s][p]``: correct samples of problem p for seed s (same problems each seed).
-    """
-    table = np.array([[pass_at_k(samples, c, k) for c in row] for row in correct_by_seed], dtype=float)  # (S, P)
-    if table.size == 0:
-        raise ValueError("bootstrap_pass_at_k needs at least one seed and one problem")
-    n_seeds, n_problems = table.shape
-    mean = float(table.mean())
-    if table.size == 1:
-        return mean, mean, mean
-    rng = np.random.default_rng(seed)
-    seed_index = rng.integers(0, n_seeds, size=(n_resamples, n_seeds))  # (R, S)
-    problem_index = rng.integers(0, n_problems, size=(n_resamples, n_problems))  # (R, P)
-    means = np.empty(n_resamples)
-    for r in range(n_resamples):
-        means[r] = table[np.ix_(seed_index[r], problem_index[r])].mean()
-    alpha = (1 - confidence) / 2
-    return mean, float(np.quantile(means, alpha)), float(np.quantile(means, 1 - alpha))
 
 
 def curve_slope(points: Sequence[tuple[int, float]]) -> float:
@@ -209,10 +162,20 @@ def should_stop(points: Sequence[tuple[int, float]], window: int, min_slope: flo
 # ---------------------------------------------------------------------------------------------
 
 
+def hard_test_problems(hard_test: Sequence[Any], evaluation: EvalConfig) -> list[Any]:
+    """The hard-test problems every method is tested on (the first ``test_size``), in order."""
+    return list(hard_test)[: evaluation.test_size] if evaluation.test_size else list(hard_test)
+
+
+def hard_test_ids(hard_test: Sequence[Any], evaluation: EvalConfig) -> list[str]:
+    """Ids of `hard_test_problems`, kept beside the counts so that paired comparisons match problems by id."""
+    return [str(getattr(p, "id", "") or f"#{i}") for i, p in enumerate(hard_test_problems(hard_test, evaluation))]
+
+
 def test_pass_at_k(student: Any, hard_test: Sequence[Any], evaluation: EvalConfig, *, seed: int,
                    state: Any = None, max_new_tokens: int | None = None) -> tuple[dict[int, float], Any]:
     """pass@k on hard test from ``samples`` sampled solutions per problem; (pass@k, EvalResult)."""
-    problems = list(hard_test)[: evaluation.test_size] if evaluation.test_size else list(hard_test)
+    problems = hard_test_problems(hard_test, evaluation)
     result = student.evaluate(problems, samples=evaluation.samples, greedy=False, state=state,
                               max_new_tokens=max_new_tokens, seed=seed)
     return mean_pass_at_k(result.correct, evaluation.samples, evaluation.ks), result
@@ -316,7 +279,7 @@ def run_pq(config: Any, promoted: Sequence[Any], hard_train: Sequence[Any], hard
                           samples=evaluation.samples, student_steps=steps_done, tokens=tokens + test.tokens,
                           seconds=time.perf_counter() - start, train_seconds=train_seconds, curve=curve,
                           stopped_early=early, train_problems=len(promoted) + len(train_pool), heldout=heldout,
-                          note="; ".join(notes))
+                          note="; ".join(notes), problem_ids=hard_test_ids(hard_test, evaluation))
 
 
 def run_ps(student: Any, promoted_states: Sequence[Any], hard_train: Sequence[Any], hard_test: Sequence[Any],
@@ -341,7 +304,8 @@ def run_ps(student: Any, promoted_states: Sequence[Any], hard_train: Sequence[An
     return ProtocolResult(protocol="PS", seed=seed, pass_at_k=scores, correct=list(test.correct),
                           samples=evaluation.samples, tokens=tokens + test.tokens,
                           seconds=time.perf_counter() - start, selected=selected, selection_accuracy=accuracies,
-                          note="" if promoted_states else "no promotion happened: the base student was tested")
+                          note="" if promoted_states else "no promotion happened: the base student was tested",
+                          problem_ids=hard_test_ids(hard_test, evaluation))
 
 
 class PromotedStudents(BaseCallback):
@@ -386,10 +350,10 @@ __all__ = [
     "EvalConfig",
     "PromotedStudents",
     "ProtocolResult",
-    "bootstrap_ci",
-    "bootstrap_pass_at_k",
     "curve_slope",
     "early_stop_set",
+    "hard_test_ids",
+    "hard_test_problems",
     "promoted_students_callback",
     "run_pq",
     "run_ps",

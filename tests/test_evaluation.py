@@ -18,10 +18,9 @@ from benchmarks.analysis import embedding_model_path
 from benchmarks.bench_config import BenchConfig
 from benchmarks.bench_report import aggregate, markdown_table
 from benchmarks.compare_teachers import main, run_study
+from benchmarks.bootstrap import bootstrap_ci, bootstrap_pass_at_k
 from benchmarks.evaluation import (
     EvalConfig,
-    bootstrap_ci,
-    bootstrap_pass_at_k,
     curve_slope,
     promoted_students_callback,
     run_pq,
