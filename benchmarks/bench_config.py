@@ -6,8 +6,10 @@ The CLI options of ``soar bench`` are generated from `BenchConfig` (one docstrin
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from agents.train import DEFAULT_STEPS
+from benchmarks.env_step_time import parse_override
 from benchmarks.evaluation import EvalConfig
 from soar_env.config import make_config
 from soar_env.options import check_minimum
@@ -58,6 +60,10 @@ class BenchConfig:
     """First seed; seeds are first_seed .. first_seed + seeds - 1."""
     teacher_steps: int | None = None
     """Meta-training steps of each learned teacher (default: soar train's for the preset)."""
+    env_set: str = ""
+    """Env settings over the preset for every job, comma-separated name=value (e.g.
+    inner_steps=4,learning_rate=2e-4); each job records the env it resolved to, so a preset retuned
+    later cannot mix into a study."""
     pq_mode: str = "curriculum"
     """How synthetic problems and hard train are combined: curriculum (paper, MATH) or mixed (HARP)."""
     pq_max_steps: int | None = None
@@ -105,6 +111,11 @@ class BenchConfig:
             raise ValueError(f"unknown methods {unknown}; valid: {', '.join(METHODS)}")
         check_minimum(self, ("seeds", "workers"), 1)
         self.evaluation()  # checks the PQ settings now rather than in the first job
+        make_config(self.preset, **self.env_overrides())  # and env_set's names and values
+
+    def env_overrides(self) -> dict[str, Any]:
+        """``env_set`` as EnvConfig overrides (checked by name when a config is made)."""
+        return parse_override(self.env_set) if self.env_set.strip() else {}
 
     @property
     def method_list(self) -> list[str]:
@@ -146,7 +157,7 @@ def paper_differences(bench: BenchConfig, *, questions: bool = False) -> list[st
         if bench.analysis_questions != 128:
             differences.append(f"{bench.analysis_questions} questions (paper: 128)")
         return differences
-    hardset = make_config(bench.preset).hardset
+    hardset = make_config(bench.preset, **bench.env_overrides()).hardset
     if hardset == "bundled" or hardset.startswith("generator:"):
         differences.append(f"hard set {hardset} (paper: MATH fail@128, 359 train / 360 test)")
     evaluation = bench.evaluation()

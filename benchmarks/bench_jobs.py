@@ -24,7 +24,7 @@ from agents.train import DEFAULT_STEPS, build_teacher, plan_run, write_run_confi
 from benchmarks import evaluation  # PQ / PS protocols, named through the module so that tests can replace them
 from benchmarks.bench_config import META_TRAINED, ROW_NAMES, TEACHER_OF, BenchConfig
 from soar_env.atomic import atomic_write_text
-from soar_env.config import make_config
+from soar_env.config import SCHEDULING_SETTINGS, make_config
 from soar_env.data.hardset import hard_splits
 
 
@@ -43,7 +43,7 @@ def _teacher_run(bench: BenchConfig, method: str, seed: int, out: Path) -> dict[
     # checkpoint; plan_run checks that the folder's run was started with these settings.
     found = checkpoint_dirs(run_dir) if method in META_TRAINED else []
     resumed_at = checkpoint_step(found[-1]) if found else 0
-    plan = plan_run({**options, "resume": str(run_dir)} if found else options, {}, {"seed": seed},
+    plan = plan_run({**options, "resume": str(run_dir)} if found else options, bench.env_overrides(), {"seed": seed},
                     allow_finished=True)
     if not found:
         write_run_config(plan)
@@ -125,7 +125,7 @@ def run_job(bench: BenchConfig, method: str, seed: int) -> dict[str, Any]:
     settings = bench.evaluation()
     # The fresh student, its training and its hard-test samples are seeded by ``seed`` alone, never by the
     # method, so every method's (seed, problem) pairs line up (the report's paired differences).
-    config = make_config(bench.preset, seed=seed)
+    config = make_config(bench.preset, seed=seed, **bench.env_overrides())
     hard_train, hard_test = hard_splits(config)  # one split per hard set, whatever the seed
     started = time.perf_counter()
     rows: dict[str, list[dict[str, Any]]] = {}
@@ -209,7 +209,9 @@ def collect(bench: BenchConfig, out: Path) -> tuple[dict[str, list[dict[str, Any
 
 
 # Settings that change which jobs run or how fast, not what a finished job measured.
-NOT_JOB_SETTINGS = ("methods", "seeds", "first_seed", "budget_minutes", "out", "threads", "workers", "plots")
+NOT_JOB_SETTINGS = ("methods", "seeds", "first_seed", "budget_minutes", "out", "threads", "workers", "plots",
+                    "env_set")
+"""BenchConfig fields that do not decide a job's numbers (env_set does, through the env it resolves to)."""
 
 
 def job_path(out: Path, method: str, seed: int) -> Path:
@@ -227,16 +229,28 @@ UNREAD_BY = {
 }
 
 
-LEGACY_SETTINGS = {"pq_schedule": "per-chunk", "heldout_size": 32}
+def resolved_env(preset: str, overrides: dict[str, Any]) -> dict[str, Any]:
+    """The env settings a job ran with: the preset as it is today plus ``overrides``, without the
+    seed (the job's own) and scheduling (which never changes numbers)."""
+    env = make_config(preset, **overrides).to_dict()
+    return {k: v for k, v in env.items() if k != "seed" and k not in SCHEDULING_SETTINGS}
+
+
+LEGACY_SETTINGS = {"pq_schedule": "per-chunk", "heldout_size": 32,
+                   "env": resolved_env("cpu", {"inner_steps": 4, "inner_steps_after_promotion": 6, "learning_rate": 2e-4})}
 """Settings added after job files were first written, with the values those older jobs were
-measured with (AdamW and cosine restarted every chunk, 32 hard-train problems held out): such a
-job is kept only by a study that asks for these values, e.g. benchmarks/results/compare-cpu."""
+measured with (AdamW and cosine restarted every chunk, 32 hard-train problems held out, the cpu
+preset before its retune: 4 inner steps, 6 after a promotion, lr 2e-4): such a job is kept only by
+a study that asks for these values, e.g. benchmarks/results/compare-cpu with
+``--env-set inner_steps=4,inner_steps_after_promotion=6,learning_rate=2e-4``."""
 
 
 def job_settings(bench: BenchConfig, method: str) -> dict[str, Any]:
     """The settings that decide what ``method``'s job measures."""
     skip = NOT_JOB_SETTINGS + UNREAD_BY.get(method, ())
-    return {k: v for k, v in dataclasses.asdict(bench).items() if k not in skip}
+    settings = {k: v for k, v in dataclasses.asdict(bench).items() if k not in skip}
+    return {**settings, "env": resolved_env(bench.preset, bench.env_overrides())}
+
 
 
 def save_job(out: Path, bench: BenchConfig, method: str, seed: int, rows: dict[str, list[dict[str, Any]]],

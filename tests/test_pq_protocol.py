@@ -107,7 +107,8 @@ def test_paper_numbers_stand_beside_ours_only_with_the_papers_settings():
 def test_the_committed_cpu_study_loads_and_its_table_regenerates():
     """The study was measured with the earlier protocol: it loads under those settings, and only under them."""
     settings = dict(preset="cpu", seeds=3, teacher_steps=4, out=str(STUDY), plots=False)
-    bench = BenchConfig(pq_schedule="per-chunk", heldout_size=32, **settings)
+    before_retune = "inner_steps=4,inner_steps_after_promotion=6,learning_rate=2e-4"  # the cpu preset it ran on
+    bench = BenchConfig(pq_schedule="per-chunk", heldout_size=32, env_set=before_retune, **settings)
     rows, teachers = collect(bench, STUDY)
     assert set(rows) == {"base-student", "hard-only", "base", "random", "intrinsic", "grounded", "soar-pq",
                          "soar-ps", "sb3"} and all(len(entries) == 3 for entries in rows.values())
@@ -121,7 +122,22 @@ def test_the_committed_cpu_study_loads_and_its_table_regenerates():
         ours = next(line for line in regenerated.splitlines() if line.startswith(f"| {name} |"))
         assert ours in committed  # same numbers, cell for cell
     with pytest.raises(ValueError, match="other settings.*heldout_size.*pq_schedule"):
-        load_job(STUDY, BenchConfig(**settings), "hard-only", 0)
-    # Base-student jobs read neither setting, so they load under any.
-    assert load_job(STUDY, BenchConfig(**settings), "base-student", 0) is not None
+        load_job(STUDY, BenchConfig(env_set=before_retune, **settings), "hard-only", 0)
+    # The retuned cpu preset is another env: the study's jobs are refused under it, never mixed in.
+    with pytest.raises(ValueError, match=r"other settings \(env\)"):
+        load_job(STUDY, BenchConfig(pq_schedule="per-chunk", heldout_size=32, **settings), "hard-only", 0)
+    # Base-student jobs read neither setting, so they load under any with the same env.
+    assert load_job(STUDY, BenchConfig(env_set=before_retune, **settings), "base-student", 0) is not None
     assert math.isclose(table["hard-only"]["pass_at_k"]["32"][0], 24.8, abs_tol=0.05)
+
+
+def test_env_set_overrides_every_job_env_and_is_checked_by_name():
+    from benchmarks.bench_jobs import job_settings
+
+    bench = BenchConfig(preset="tiny", env_set="inner_steps=3,learning_rate=0.01")
+    assert bench.env_overrides() == {"inner_steps": 3, "learning_rate": 0.01}
+    env = job_settings(bench, "hard-only")["env"]
+    assert env["inner_steps"] == 3 and env["learning_rate"] == 0.01 and "seed" not in env
+    assert job_settings(BenchConfig(preset="tiny"), "hard-only")["env"]["inner_steps"] == 1  # the preset's
+    with pytest.raises(ValueError, match="inner_steps"):
+        BenchConfig(preset="tiny", env_set="inner_step=3")
