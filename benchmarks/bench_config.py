@@ -12,6 +12,7 @@ from agents.train import DEFAULT_STEPS
 from benchmarks.env_step_time import parse_override
 from benchmarks.evaluation import EvalConfig
 from soar_env.config import make_config
+from soar_env.data.hardset import BUNDLED_HARDSETS
 from soar_env.options import check_minimum
 
 METHODS = ("base-student", "hard-only", "base", "random", "intrinsic", "soar", "sb3", "alp-gmm")
@@ -158,7 +159,7 @@ def paper_differences(bench: BenchConfig, *, questions: bool = False) -> list[st
             differences.append(f"{bench.analysis_questions} questions (paper: 128)")
         return differences
     hardset = make_config(bench.preset, **bench.env_overrides()).hardset
-    if hardset == "bundled" or hardset.startswith("generator:"):
+    if hardset in BUNDLED_HARDSETS or hardset.startswith("generator:"):
         differences.append(f"hard set {hardset} (paper: MATH fail@128, 359 train / 360 test)")
     evaluation = bench.evaluation()
     if evaluation.max_steps != 1500:

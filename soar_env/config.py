@@ -153,7 +153,8 @@ class EnvConfig:
 
     # --- data -----------------------------------------------------------------------------------
     hardset: str = "bundled"
-    """Hard problems Q_R is drawn from: "bundled", a hard-set jsonl, or any load_problems spec."""
+    """Hard problems Q_R is drawn from: "bundled" (fail@16, 39 + 39), "bundled-fail32" (the larger
+    fail@32 set), a hard-set jsonl, or any load_problems spec."""
     hardset_split: str = "train"
     """Split of a hard-set file to draw Q_R from; the test split stays held out (paper: train)."""
     sample_difficulty: int = 1

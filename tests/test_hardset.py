@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from soar_env.cli import main as soar_main
-from soar_env.data.hardset import HardSetConfig, build_hardset, load_hardset
+from soar_env.config import make_config
+from soar_env.data.hardset import HardSetConfig, build_hardset, hard_splits, load_hardset
 from soar_env.data.loaders import load_problems
 
 POOL = "generator:addition@1#12%3"
@@ -107,6 +108,22 @@ def test_bundled_hardset_is_shipped_and_split():
     assert len(train) >= 20 and len(test) >= 20
     assert not {p.id for p in train} & {p.id for p in test}
     assert all(p.meta["correct"] == 0 for p in train + test)
+
+
+def test_the_fail32_set_is_shipped_larger_and_stricter_and_the_old_one_stays():
+    """Issue 17: >= 150 train and >= 150 test problems, every one wrong in 32 of 32 samples, its
+    settings recorded; "bundled" still names the old fail@16 set, so old studies reproduce."""
+    from soar_env.data.hardset import BUNDLED_HARDSETS, bundled_hardset_path
+
+    train, test = hard_splits(make_config("cpu", hardset="bundled-fail32"))
+    assert len(train) >= 150 and len(test) >= 150
+    assert not {p.question for p in train} & {p.question for p in test}
+    assert all(p.meta["correct"] == 0 and p.meta["samples"] == 32 for p in train + test)
+    meta = json.loads(bundled_hardset_path("bundled-fail32").with_name(
+        BUNDLED_HARDSETS["bundled-fail32"] + ".meta.json").read_text())
+    assert meta["settings"]["k"] == 32 and meta["settings"]["max_new_tokens"] == 48
+    old_train = load_hardset("bundled", "train")
+    assert len(old_train) == 39 and bundled_hardset_path().name == "hardset_smollm2.jsonl"
 
 
 # -- where it runs: device, dtype, sampler ----------------------------------------------------------

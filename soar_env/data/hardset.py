@@ -52,6 +52,9 @@ if TYPE_CHECKING:
 
 BUNDLED_HARDSET = "hardset_smollm2.jsonl"
 """File name of the default hard set shipped in ``soar_env/data/bundled``."""
+BUNDLED_HARDSETS = {"bundled": BUNDLED_HARDSET, "bundled-fail32": "hardset_smollm2_fail32.jsonl"}
+"""Hard sets shipped in ``soar_env/data/bundled``, by the name ``EnvConfig.hardset`` takes: the
+default (fail@16, 39 + 39 problems) and the larger, stricter fail@32 set (its README section)."""
 
 HARD_TRAIN_FRACTION = 0.5
 """Share of a pool without a split column that goes to train (the paper's random 50/50 split)."""
@@ -326,14 +329,15 @@ def draw_eval_subset(pool: Sequence[Problem], size: int, rng: np.random.Generato
     return [pool[int(i)] for i in index]
 
 
-def bundled_hardset_path() -> Path:
-    """Path of the default hard set shipped with the package (built for the embedded student)."""
-    return Path(str(resources.files("soar_env.data") / "bundled" / BUNDLED_HARDSET))
+def bundled_hardset_path(name: str = "bundled") -> Path:
+    """Path of a hard set shipped with the package (built for the embedded student); see BUNDLED_HARDSETS."""
+    return Path(str(resources.files("soar_env.data") / "bundled" / BUNDLED_HARDSETS[name]))
 
 
 def load_hardset(path_or_name: str = "bundled", split: str | None = "train") -> list[Problem]:
-    """Problems of a hard set file; ``"bundled"`` names the shipped default. ``split=None`` gives all."""
-    path = bundled_hardset_path() if path_or_name == "bundled" else Path(path_or_name)
+    """Problems of a hard set file, or of a shipped one by name (``"bundled"``, the default, or
+    another key of BUNDLED_HARDSETS). ``split=None`` gives all."""
+    path = bundled_hardset_path(path_or_name) if path_or_name in BUNDLED_HARDSETS else Path(path_or_name)
     if not path.exists():
         raise FileNotFoundError(f"no hard set at {path}; build one with `soar hardset`")
     problems = load_jsonl(path)
@@ -390,7 +394,7 @@ def hard_splits(config: EnvConfig) -> tuple[list[Problem], list[Problem]]:
     see the same one.
     """
     spec = config.hardset
-    rows = load_hardset(spec, split=None) if spec == "bundled" else load_problems(spec)
+    rows = load_hardset(spec, split=None) if spec in BUNDLED_HARDSETS else load_problems(spec)
     return split_pool(rows)
 
 
