@@ -24,7 +24,7 @@ from agents.train import DEFAULT_STEPS, build_teacher, plan_run, write_run_confi
 from benchmarks import evaluation  # PQ / PS protocols, named through the module so that tests can replace them
 from benchmarks.bench_config import META_TRAINED, ROW_NAMES, TEACHER_OF, BenchConfig
 from soar_env.atomic import atomic_write_text
-from soar_env.config import SCHEDULING_SETTINGS, make_config
+from soar_env.config import make_config
 from soar_env.data.hardset import hard_splits
 
 
@@ -232,8 +232,8 @@ UNREAD_BY = {
 def resolved_env(preset: str, overrides: dict[str, Any]) -> dict[str, Any]:
     """The env settings a job ran with: the preset as it is today plus ``overrides``, without the
     seed (the job's own) and scheduling (which never changes numbers)."""
-    env = make_config(preset, **overrides).to_dict()
-    return {k: v for k, v in env.items() if k != "seed" and k not in SCHEDULING_SETTINGS}
+    env = make_config(preset, **overrides).measured_settings()
+    return {k: v for k, v in env.items() if k != "seed"}
 
 
 LEGACY_SETTINGS = {"pq_schedule": "per-chunk", "heldout_size": 32,

@@ -35,6 +35,7 @@ import torch
 
 import soar_env  # noqa: F401  (registers the env ids)
 from benchmarks import against
+from benchmarks.timing import parse_override
 from soar_env.data.hardset import bundled_hardset_path
 
 DEFAULT_GRIDS = {
@@ -47,26 +48,6 @@ DEFAULT_GRIDS = {
 
 FALLBACK_HARDSET = "generator:addition@4#80%0"
 """Used when the bundled hard set is missing: 4-digit additions, which SmolLM2 fails greedily."""
-
-
-def parse_override(text: str) -> dict[str, Any]:
-    """``"base"`` -> {}; ``"a=1,b=x"`` -> {a: 1, b: "x"}, each value as int, float, bool or str."""
-    if text.strip() == "base":
-        return {}
-    overrides: dict[str, Any] = {}
-    for part in text.split(","):
-        key, _, value = part.partition("=")
-        overrides[key.strip()] = _value(value.strip())
-    return overrides
-
-
-def _value(text: str) -> Any:
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return {"true": True, "false": False}.get(text.lower(), text)
 
 
 def machine() -> str:

@@ -23,7 +23,8 @@ from typing import Any
 
 import torch
 
-from benchmarks.env_step_time import machine, parse_override
+from benchmarks.env_step_time import machine
+from benchmarks.timing import parse_override
 from soar_env.envs import SOARMathVectorEnv
 
 

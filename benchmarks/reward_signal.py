@@ -47,8 +47,9 @@ import numpy as np
 
 from benchmarks.reward_panel import PanelInputs, build_dataset, sample_teacher_pool, select_datasets
 from benchmarks.reward_report import SettingsMismatch, collect, load_job, write_report
+from benchmarks.timing import parse_override
 from soar_env.atomic import atomic_write_text
-from soar_env.config import PRESETS, SCHEDULING_SETTINGS, EnvConfig, make_config
+from soar_env.config import PRESETS, EnvConfig, make_config
 from soar_env.data.hardset import draw_eval_subset, hard_splits, load_hard_pool
 from soar_env.estimators import REWARD_ESTIMATORS, QRScores, estimate, score_qr
 from soar_env.options import add_dataclass_arguments, check_minimum, dataclass_from_args
@@ -119,7 +120,7 @@ class SignalConfig:
         from agents.teacher_config import make_teacher_config  # lazy: `--help` stays fast
 
         env = self.env_config()
-        env_settings = {k: v for k, v in env.to_dict().items() if k not in SCHEDULING_SETTINGS}
+        env_settings = env.measured_settings()
         return {"format": FORMAT, "preset": self.preset, "env": env_settings, "estimators": list(REWARD_ESTIMATORS),
                 "eval_seed": EVAL_SEED,
                 "teacher": make_teacher_config(self.preset).to_dict(),
@@ -333,7 +334,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from benchmarks.env_step_time import parse_override
 
     args = build_parser().parse_args(argv)
     overrides: dict[str, Any] = {}

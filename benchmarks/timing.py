@@ -129,3 +129,24 @@ def finish_run(results: dict[str, Any], json_path: str | None) -> dict[str, Any]
         with open(json_path, "w", encoding="utf-8") as handle:
             json.dump(results, handle, indent=2, default=str)
     return results
+def parse_override(text: str) -> dict[str, Any]:
+    """``"base"`` -> {}; ``"a=1,b=x"`` -> {a: 1, b: "x"}, each value as int, float, bool or str: the
+    settings of a benchmark row. Here, with the harness, so that it works against any older soar_env."""
+    if text.strip() == "base":
+        return {}
+    overrides: dict[str, Any] = {}
+    for part in text.split(","):
+        key, _, value = part.partition("=")
+        overrides[key.strip()] = _setting_value(value.strip())
+    return overrides
+
+
+def _setting_value(text: str) -> Any:
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(text.lower(), text)
+
+

@@ -298,6 +298,11 @@ class EnvConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def measured_settings(self) -> dict[str, Any]:
+        """:meth:`to_dict` without SCHEDULING_SETTINGS: what decides a finished result, the key
+        under which studies keep their jobs."""
+        return {k: v for k, v in self.to_dict().items() if k not in SCHEDULING_SETTINGS}
+
 
 PRESETS: dict[str, EnvConfig] = {
     # Tests: a random tiny llama, a generated hard pool, every loop at its smallest. Seconds a step.
