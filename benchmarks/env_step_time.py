@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -35,7 +34,7 @@ import torch
 
 import soar_env  # noqa: F401  (registers the env ids)
 from benchmarks import against
-from benchmarks.timing import parse_override
+from benchmarks.timing import machine_line, parse_override
 from soar_env.data.hardset import bundled_hardset_path
 
 DEFAULT_GRIDS = {
@@ -48,14 +47,6 @@ DEFAULT_GRIDS = {
 
 FALLBACK_HARDSET = "generator:addition@4#80%0"
 """Used when the bundled hard set is missing: 4-digit additions, which SmolLM2 fails greedily."""
-
-
-def machine() -> str:
-    """One line: CPU, cores, torch threads, GPU, versions and load."""
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    load = f", load average {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""
-    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch threads "
-            f"{torch.get_num_threads()}, {device}, Python {platform.python_version()}, torch {torch.__version__}{load}")
 
 
 def time_row(preset: str, overrides: dict[str, Any], runs: int, seed: int, warmup: int = 1) -> dict[str, Any]:
@@ -119,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = [r.strip() for r in (args.grid or DEFAULT_GRIDS[args.preset]).split(";") if r.strip()]
     print(f"# SOAR-MATH-v0 step time, preset {args.preset!r}, {args.runs} timed step(s) per row after "
           f"{args.warmup} warm-up step(s)")
-    print(f"# machine: {machine()}")
+    print(f"# machine: {machine_line()}")
     print(f"# library: {os.path.realpath(os.path.dirname(soar_env.__file__))}")
     if common:
         print(f"# common overrides: {common}")
@@ -142,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"# load average at the end: {os.getloadavg()[0]:.1f}")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as handle:
-            json.dump({"machine": machine(), "settings": vars(args), "rows": results}, handle, indent=2)
+            json.dump({"machine": machine_line(), "settings": vars(args), "rows": results}, handle, indent=2)
     return 0
 
 
@@ -150,7 +141,7 @@ def compare_against(args: argparse.Namespace, argv: list[str]) -> int:
     """Every row on our tree and on ``args.against``'s, ``args.runs`` interleaved pairs of one step each."""
     print(f"# SOAR-MATH-v0 step time against {args.against}, preset {args.preset!r}, {args.runs} pair(s) of "
           f"one timed step after {args.warmup} warm-up step(s)")
-    print(f"# machine: {machine()}")
+    print(f"# machine: {machine_line()}")
     pairs = against.run_pairs("benchmarks.env_step_time", [*against.strip_against(argv), "--runs", "1"],
                               args.against, args.runs, schedule=args.against_schedule,
                               threads=torch.get_num_threads() if args.against_schedule == "alternate" else 1)

@@ -23,8 +23,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.env_step_time import machine
-from benchmarks.timing import parse_override
+from benchmarks.timing import machine_line, parse_override
 from soar_env.envs import SOARMathVectorEnv
 
 
@@ -73,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         common.update(parse_override(text))
     print(f"# one SOAR-MATH vector step, preset {args.preset!r}, settings {common or 'as the preset'}; "
           f"{args.runs} timed step(s) per row after {args.warmup} warm-up step(s)")
-    print(f"# machine: {machine()}")
+    print(f"# machine: {machine_line()}")
     t = time.perf_counter()
     ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
     print(f"# local Ray cluster of {args.cpus} CPUs started in {time.perf_counter() - t:.1f} s")

@@ -25,7 +25,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from benchmarks.reward_panel import NULL_CONTROLS, POWER_CONTROLS, is_stone, panel_names
-from benchmarks.timing import mean_std
+from benchmarks.timing import machine_line, mean_std
 from soar_env.atomic import atomic_write_text
 from soar_env.estimators import REWARD_ESTIMATORS, QRScores, estimate, qr_level
 
@@ -203,13 +203,12 @@ def _num(value: float | None, digits: int = 4) -> str:
 
 def header(cfg: Any, command: str | None) -> list[str]:
     """The lines that say how the numbers were made: command, machine, settings, runs."""
-    from benchmarks.env_step_time import machine  # lazy: imports torch
 
     env = cfg.env_config()
     return [
         f"# Reward signal: {cfg.out}", "",
         f"- command: `{command or 'python -m benchmarks.reward_signal'}`",
-        f"- machine: {machine()} (5- and 15-minute load {' '.join(f'{x:.1f}' for x in os.getloadavg()[1:])})",
+        f"- machine: {machine_line()} (5- and 15-minute load {' '.join(f'{x:.1f}' for x in os.getloadavg()[1:])})",
         f"- preset {cfg.preset}" + (f" with {cfg.overrides}" if cfg.overrides else "")
         + f": student {env.student_model}, Q_R of M={env.eval_subset_size} hard-train problems, "
           f"n={env.problems_per_dataset} problems per dataset, {env.inner_steps} inner RLOO steps, "

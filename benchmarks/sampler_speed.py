@@ -28,16 +28,15 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import argparse
 import json
-import platform
 import statistics
 import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
-import transformers
 from torch import nn
 
+from benchmarks.timing import machine_info
 from soar_env.data.generators import sample_problems
 from soar_env.models import LMPolicy, LoraSettings
 from soar_env.models.decoding import SampleOptions
@@ -84,28 +83,7 @@ def flops_weights(model: nn.Module) -> int:
 
 
 def machine() -> dict[str, Any]:
-    cpu = platform.processor() or "?"
-    flags = ""
-    try:
-        for line in open("/proc/cpuinfo", encoding="utf-8"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-            if line.startswith("flags"):
-                flags = line
-                break
-    except OSError:
-        pass
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "avx512_bf16": "avx512_bf16" in flags,
-        "amx_bf16": "amx_bf16" in flags,
-        "bf16_supported": native_bf16("cpu"),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "python": platform.python_version(),
-    }
+    return {**machine_info(), "bf16_supported": native_bf16("cpu")}
 
 
 def make_sampler(policy: LMPolicy, side: str, args: argparse.Namespace) -> Callable[[list[str], int], int]:

@@ -144,8 +144,8 @@ def learning_curve(args: argparse.Namespace, policy: LMPolicy) -> dict[str, Any]
     for stats in per_step:
         elapsed += stats["sample_seconds"] + stats["grade_seconds"] + stats["update_seconds"]
         cumulative[int(stats["step"]) + 1] = elapsed
-    print(f"\n| step | held-out greedy accuracy | train reward (that step) | cumulative train wall s |")
-    print(f"|-----:|-------------------------:|-------------------------:|------------------------:|")
+    print("\n| step | held-out greedy accuracy | train reward (that step) | cumulative train wall s |")
+    print("|-----:|-------------------------:|-------------------------:|------------------------:|")
     for point in curve:
         step = point["step"]
         reward = f"{result.rewards[step - 1]:.2f}" if step > 0 else "-"

@@ -23,7 +23,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import argparse
-import platform
 import random
 import sys
 import time
@@ -31,13 +30,12 @@ from collections import Counter
 from types import SimpleNamespace
 from typing import Any
 
-import torch
 
 from agents import BaseTeacher
 from agents.teacher_config import make_teacher_config
 from agents.teacher_sampling import Draft, TeacherSampler
 from benchmarks.analysis import analyze_questions
-from benchmarks.timing import finish_run
+from benchmarks.timing import finish_run, machine_line
 from soar_env.config import make_config
 from soar_env.models import LMPolicy
 
@@ -113,8 +111,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args(argv)
     print("command: " + " ".join([os.path.basename(sys.executable), *sys.argv]), flush=True)
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads "
-          f"{torch.get_num_threads()}, torch {torch.__version__}, load {os.getloadavg()[0]:.2f}", flush=True)
+    print(f"machine: {machine_line()}", flush=True)
     env = make_config(args.preset)
     # The teacher's own model, LoRA, dtype and device, as `soar train` builds it.
     teacher = BaseTeacher(make_teacher_config(args.preset, **({"model": args.model} if args.model else {})))

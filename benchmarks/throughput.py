@@ -41,17 +41,15 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import argparse
 import importlib.metadata
-import platform
 import sys
 import tempfile
 import time
 from typing import Any
 
 import torch
-import transformers
 
 from benchmarks import against
-from benchmarks.timing import PhaseTimer, Side, finish_run, fmt, report_pair
+from benchmarks.timing import PhaseTimer, Side, finish_run, fmt, machine_info, report_pair
 from soar_env.data.generators import sample_problems
 from soar_env.models import LMPolicy, LoraSettings, load_model
 from soar_env.models.decoding import left_pad
@@ -304,27 +302,11 @@ def bench_steps(args: argparse.Namespace) -> tuple[Side, Side, dict[str, Any]]:
 
 
 def machine() -> dict[str, Any]:
-    cpu = platform.processor() or "?"
-    try:
-        for line in open("/proc/cpuinfo", encoding="utf-8"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     try:  # the generation comparison needs no TRL; only the step comparison does
         trl_version = importlib.metadata.version("trl")
     except importlib.metadata.PackageNotFoundError:
         trl_version = "not installed"
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "trl": trl_version,
-        "python": platform.python_version(),
-    }
+    return {**machine_info(), "trl": trl_version}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

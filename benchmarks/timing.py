@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import statistics
 import time
 from collections import defaultdict
@@ -57,6 +58,40 @@ class Side:
             "raw_seconds": self.seconds,
             "raw_tokens": self.tokens,
         }
+
+
+def machine_info() -> dict[str, Any]:
+    """What a timing was made on: CPU model and its bf16 flags, cores, torch threads, GPU, versions
+    and the 1-minute load (the figure that says how far absolute seconds can be trusted)."""
+    import torch  # lazy: the reports that print this line need no torch otherwise
+    import transformers
+
+    cpu, flags = platform.processor() or platform.machine(), ""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                elif line.startswith("flags"):
+                    flags = line
+                    break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu, "cores": os.cpu_count(), "avx512_bf16": "avx512_bf16" in flags.split(),
+        "amx_bf16": "amx_bf16" in flags.split(), "torch_threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
+        "python": platform.python_version(), "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "load1": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
+    }
+
+
+def machine_line() -> str:
+    """:func:`machine_info` as the one line a benchmark prints before its figures."""
+    info = machine_info()
+    return (f"{info['cpu']}, {info['cores']} CPU cores, torch threads {info['torch_threads']}, "
+            f"GPU {info['gpu']}, Python {info['python']}, torch {info['torch']}, load average {info['load1']}")
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
