@@ -182,8 +182,9 @@ def _grade(student: Student, rollouts: Sequence[Any], problem_lists: Sequence[Se
     texts = [t for r in rollouts for t in r.texts]
     golds = [problems[i].answer for r, problems in zip(rollouts, problem_lists) for i in r.prompt_index]
     config = student.config
+    finished = None if config.grade_unfinished else [s for r in rollouts for s in r.stopped]
     grades = grade_many(texts, golds, require_box=config.require_box, timeout=config.grade_timeout,
-                        processes=config.grade_processes)
+                        processes=config.grade_processes, finished=finished)
     out, start = [], 0
     for r in rollouts:
         out.append(grades[start : start + len(r)])

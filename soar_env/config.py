@@ -32,6 +32,9 @@ SCHEDULING_SETTINGS = ("backend", "batch_runs", "ray_address", "ray_workers", "r
 """Settings of where and how student runs execute, not of what they compute (the same results, up to
 float round-off): a study may change them between sessions and keep its finished results."""
 
+LATER_SETTINGS = {"grade_unfinished": True}
+"""Settings added after studies were committed, with the value those studies were measured with."""
+
 DTYPES = ("float32", "bfloat16", "float16")
 
 COMPUTE_DTYPES = ("float32", "bfloat16", "auto")
@@ -148,6 +151,8 @@ class EnvConfig:
     """Longest student answer when measuring accuracy on Q_R (None: max_new_tokens)."""
     require_box: bool = True
     """{doc:soar_env.student.StudentConfig.require_box} Paper: True."""
+    grade_unfinished: bool = True
+    """{doc:soar_env.student.StudentConfig.grade_unfinished} Paper: True."""
     grade_timeout: float = 5.0
     """{doc:soar_env.student.StudentConfig.grade_timeout}"""
 
@@ -300,8 +305,10 @@ class EnvConfig:
 
     def measured_settings(self) -> dict[str, Any]:
         """:meth:`to_dict` without SCHEDULING_SETTINGS: what decides a finished result, the key
-        under which studies keep their jobs."""
-        return {k: v for k, v in self.to_dict().items() if k not in SCHEDULING_SETTINGS}
+        under which studies keep their jobs. A setting of LATER_SETTINGS is left out while it has
+        the value that results made before it existed were measured with, so they still load."""
+        return {k: v for k, v in self.to_dict().items()
+                if k not in SCHEDULING_SETTINGS and not (k in LATER_SETTINGS and v == LATER_SETTINGS[k])}
 
 
 PRESETS: dict[str, EnvConfig] = {
@@ -321,11 +328,15 @@ PRESETS: dict[str, EnvConfig] = {
     # paper's 10 -> 15 ratio after a promotion. The hard set is the fail@32 one (173 train, 173 test),
     # so that Q_R can hold M = 64 (a reward step of 1/128 at r = 2) and a comparison's hard test has
     # the problems to separate methods; "bundled" (fail@16, 39 + 39, M = 32) was the earlier setting.
+    # Replies cut off at 48 tokens are graded wrong (grade_unfinished=False): without a box the
+    # "answer" of a cut-off reply is the last number it reached, and that chance hit was all an
+    # answer-shuffled dataset earned (section 8).
     "cpu": EnvConfig(
         num_datasets=2, problems_per_dataset=16, repeats=2, eval_subset_size=64, intrinsic_samples=8,
         student_model="smollm2-135m-instruct", lora=True, lora_rank=16, lora_alpha=32,
         inner_steps=8, inner_steps_after_promotion=12, batch_size=4, group_size=8,
-        learning_rate=1e-3, max_new_tokens=48, require_box=False, hardset="bundled-fail32", compute_dtype="auto",
+        learning_rate=1e-3, max_new_tokens=48, require_box=False, grade_unfinished=False, hardset="bundled-fail32",
+        compute_dtype="auto",
     ),
     # The paper: Llama-3.2-3B-Instruct as student, full fine-tune at lr 1e-5 (the paper's rate only
     # makes sense for all weights), the greedy reward estimator; point hardset at a MATH fail@128 jsonl.

@@ -60,6 +60,11 @@ class StudentConfig:
     """Generation limit for evaluation."""
     require_box: bool = True
     """Grade only an answer inside ``\\boxed{}``; False also accepts the last number of the reply."""
+    grade_unfinished: bool = True
+    """Read replies that the token limit cut off (the paper's grader reads any reply). False grades
+    them wrong (status ``unfinished``), in training rewards and evaluations alike: with
+    ``require_box=False`` the "answer" of a cut-off reply is the last number it reached, which a
+    weak student hits by chance (benchmarks/README.md section 8)."""
     grade_timeout: float = 5.0
     """Seconds allowed to grade one response before it counts as wrong."""
     grade_processes: int | None = None
@@ -221,6 +226,7 @@ class Student:
             require_box=self.config.require_box,
             timeout=self.config.grade_timeout,
             processes=self.config.grade_processes,
+            finished=None if self.config.grade_unfinished else rollout.stopped,
         )
 
     def train(
@@ -446,6 +452,7 @@ def build_student(config: EnvConfig) -> Student:
         temperature=config.temperature,
         eval_max_new_tokens=config.eval_tokens,
         require_box=config.require_box,
+        grade_unfinished=config.grade_unfinished,
         grade_timeout=config.grade_timeout,
         lr=config.learning_rate,
         kl_coef=config.kl_coef,

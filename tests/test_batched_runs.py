@@ -190,3 +190,21 @@ def test_a_student_that_cannot_be_batched_runs_one_by_one() -> None:
     model, tokenizer = build_tiny_model(seed=0)
     full = Student(LMPolicy(model, tokenizer, lora=None), StudentConfig())
     assert "full fine-tuning" in batch_unsupported(full)
+
+
+
+def test_batched_runs_grade_cut_off_replies_as_a_single_run_does(monkeypatch) -> None:
+    """grade_unfinished=False: the joint grading of several runs marks the same cut-off rows
+    "unfinished" as each run's own grading, with the real grader."""
+    from soar_env.models.rollout import Rollout
+    from soar_env.verify import grade_many
+
+    monkeypatch.setattr(student_module, "grade_many", grade_many)
+    monkeypatch.setattr(batched_runs, "grade_many", grade_many)
+    student = make_student(grade_unfinished=False)
+    problems = [PROBLEMS[:1], PROBLEMS[1:2]]
+    rollouts = [Rollout.from_completions([[1]], [[([5], f"so it is {p[0].answer}", done) for done in (False, True)]])
+                for p in problems]
+    joint = batched_runs._grade(student, rollouts, problems)
+    assert joint == [student._grade(r, p) for r, p in zip(rollouts, problems)]
+    assert [[g.status for g in run] for run in joint] == [["unfinished", "correct"]] * 2

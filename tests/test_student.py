@@ -50,8 +50,8 @@ class ParityGrader:
     def __init__(self) -> None:
         self.responses: list[list[str]] = []
 
-    def __call__(self, responses, golds, *, require_box=True, timeout=5.0, processes=None):
-        assert len(responses) == len(golds)
+    def __call__(self, responses, golds, *, require_box=True, timeout=5.0, processes=None, finished=None):
+        assert len(responses) == len(golds) and finished is None
         self.responses.append(list(responses))
         return [FakeGrade(len(r) % 2 == 0, "correct" if len(r) % 2 == 0 else "wrong") for r in responses]
 
@@ -238,6 +238,32 @@ def test_update_scores_samples_at_the_sampling_temperature(policy, parity_grader
     student = Student(policy, tiny_config(steps=2, temperature=0.5, kl_coef=0.1, skip_zero_advantage=False))
     assert student.train(PROBLEMS).ok
     assert seen and set(seen) == {(False, 0.5), (True, 0.5)}
+
+
+def test_unfinished_replies_are_graded_wrong_only_when_asked(policy) -> None:
+    """A cut-off reply's last number is not an answer under grade_unfinished=False, in the training
+    reward and the evaluation alike; the default reads it (the paper's grader reads any reply)."""
+    from soar_env.models.rollout import Rollout
+
+    problems = PROBLEMS[:2]  # answers 5 and 8
+    rollout = Rollout.from_completions([[1], [2]], [[([5], "so 2 + 3 = 5", False), ([6], "2 + 3 = 5.", True)],
+                                                    [([7], "4 + 4 is 8 and", False), ([8], "it is 8", True)]])
+    assert Student(policy, tiny_config(require_box=False)).rewards(rollout, problems) == [1.0, 1.0, 1.0, 1.0]
+    strict = Student(policy, tiny_config(require_box=False, grade_unfinished=False))
+    assert strict.rewards(rollout, problems) == [0.0, 1.0, 0.0, 1.0]
+    assert [g.status for g in strict._grade(rollout, problems)] == ["unfinished", "correct", "unfinished", "correct"]
+    # Four tokens cut every reply of the random tiny model: nothing is read, every status is unfinished.
+    evaluation = strict.evaluate(problems, samples=2, greedy=False)
+    assert evaluation.correct == [0, 0] and evaluation.statuses == {"unfinished": 4}
+
+
+def test_build_student_passes_the_grading_settings():
+    from soar_env.config import make_config
+    from soar_env.student import build_student
+
+    assert build_student(make_config("tiny")).config.grade_unfinished is True
+    assert build_student(make_config("tiny", grade_unfinished=False)).config.grade_unfinished is False
+    assert make_config("paper").grade_unfinished is True and make_config("cpu").grade_unfinished is False
 
 
 def test_build_student_passes_the_compute_dtype():

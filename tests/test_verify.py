@@ -308,6 +308,19 @@ def test_grade_many_preserves_order_in_parallel() -> None:
     assert results[2].status == "wrong"
 
 
+def test_grade_many_leaves_unfinished_replies_unread() -> None:
+    """finished=False rows are "unfinished" whatever they say; the others keep their own grades,
+    in order, also when a symbolic (pooled) grade follows an unread row."""
+    responses = ["so 2 + 2 = 4", r"\boxed{\frac{2}{4}}", "it is 5", r"\boxed{7}"]
+    golds = ["4", "1/2", "5", "7"]
+    read_all = grade_many(responses, golds, require_box=False, fast_path=False)
+    assert [g.status for g in read_all] == ["correct"] * 4
+    graded = grade_many(responses, golds, require_box=False, fast_path=False, finished=[False, True, True, False])
+    assert graded == [Grade("unfinished"), read_all[1], read_all[2], Grade("unfinished")]
+    with pytest.raises(ValueError, match="finished flags"):
+        grade_many(responses, golds, finished=[True])
+
+
 def test_grade_many_validates_arguments() -> None:
     with pytest.raises(ValueError):
         grade_many(["a"], ["a", "b"])

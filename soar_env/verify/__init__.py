@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any
 
 from soar_env.verify.extract import (
@@ -36,8 +37,9 @@ __all__ = [
     "grade_many", "grading_stats", "normalize_answer", "reset_grading_stats", "shutdown_grading_pool", "warm_up",
 ]
 
-GRADE_STATUSES = ("correct", "wrong", "no_answer", "unparsable", "timeout")
-"""Every value :attr:`Grade.status` can take."""
+GRADE_STATUSES = ("correct", "wrong", "no_answer", "unparsable", "timeout", "unfinished")
+"""Every value :attr:`Grade.status` can take. ``unfinished``: the reply was cut off by the token
+limit and the caller asked for such replies not to be read (``grade_many(finished=...)``)."""
 
 MAX_ANSWER_CHARS = 10_000
 """Longer extracted answers are ``"unparsable"`` at once: sympy would only burn the time limit."""
@@ -76,6 +78,7 @@ def grade_many(
     timeout: float = 5.0,
     processes: int | None = None,
     fast_path: bool = True,
+    finished: Sequence[bool] | None = None,
 ) -> list[Grade]:
     """Grade ``responses[i]`` against ``golds[i]`` in parallel worker processes, order kept.
 
@@ -85,9 +88,16 @@ def grade_many(
     Math-Verify (for benchmarks and tests of the symbolic path). Each grade's symbolic work is
     limited to ``timeout`` seconds; a call can take longer only while a replacement worker
     starts (~0.5 s) after a time-out.
+
+    ``finished`` (per response: did it end by itself, with eos or a stop string?) grades every
+    response marked False ``"unfinished"``, unread. Without a box requirement, the answer of a
+    reply cut off mid-sentence is whatever number it had reached, which a weak model hits by
+    chance; None reads every response, as the paper's grader does.
     """
     if len(responses) != len(golds):
         raise ValueError(f"{len(responses)} responses but {len(golds)} gold answers")
+    if finished is not None and len(finished) != len(responses):
+        raise ValueError(f"{len(responses)} responses but {len(finished)} finished flags")
     timeout = _check_timeout(timeout)
     if processes is None:
         processes = min(os.cpu_count() or 1, DEFAULT_PROCESSES)
@@ -100,6 +110,10 @@ def grade_many(
             gold = str(gold)  # loaders often keep GSM8K-style answers as numbers
         if not isinstance(gold, str):
             raise TypeError(f"gold answer {i} is {type(gold).__name__}, not str")
+        if finished is not None and not finished[i]:
+            found.append((None, "none"))  # keeps found[i] aligned with response i
+            grades[i] = Grade("unfinished")
+            continue
         # A failed generation may arrive as None: it answered nothing.
         extracted, found_by = (None, "none")
         if isinstance(response, str):
