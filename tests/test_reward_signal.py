@@ -242,3 +242,23 @@ def test_other_settings_into_the_same_folder_are_refused(tmp_path, capsys):
     assert results["skipped"] == ["degenerate-run0", "baseline-run1", "empty-run1", "degenerate-run1"]
     with pytest.raises(ValueError, match="unknown EnvConfig setting"):
         SignalConfig(preset="tiny", overrides={"inner_step": 2})
+
+
+def test_cut_off_hits_splits_right_answers_by_how_the_reply_ended(tmp_path, monkeypatch, capsys):
+    """Every reply graded right: the probe's right answers are all rows, and those cut off are the rows
+    that did not finish; the student grades as before afterwards."""
+    import soar_env.student as student_module
+    from benchmarks import cut_off_hits
+    from soar_env.verify import Grade
+
+    monkeypatch.setattr(student_module, "grade_many", lambda texts, golds, **kw: [Grade("correct", "1")] * len(texts))
+    study = cut_off_hits.Study(SignalConfig(preset="tiny", out="cut", root=str(tmp_path)))
+    result = cut_off_hits.probe(study, "stones-mixed-d1", 0)
+    train, q_r = result["train"], result["q_r"]
+    assert train["rows"] == study.config.inner_steps * study.config.batch_size * study.config.group_size
+    for counts in (train, q_r):
+        assert counts["correct"] == counts["rows"] and counts["correct_cut_off"] == counts["rows"] - counts["finished"]
+    assert q_r["rows"] == study.config.eval_subset_size == len(result["q_r_hits"])
+    assert "_grade" not in vars(study.student)
+    assert cut_off_hits.main(["--preset", "tiny", "--out", "cut", "--root", str(tmp_path), "shuffled:1"]) == 0
+    assert "| shuffled-run1 |" in capsys.readouterr().out
