@@ -239,13 +239,13 @@ def resolved_env(preset: str, overrides: dict[str, Any]) -> dict[str, Any]:
 LEGACY_SETTINGS = {"pq_schedule": "per-chunk", "heldout_size": 32,
                    "env": resolved_env("cpu", {"inner_steps": 4, "inner_steps_after_promotion": 6, "learning_rate": 2e-4,
                                        "hardset": "bundled", "eval_subset_size": 32,
-                                       "grade_unfinished": True})}
+                                       "grade_unfinished": True, "accept_unevaluated": True})}
 """Settings added after job files were first written, with the values those older jobs were
 measured with (AdamW and cosine restarted every chunk, 32 hard-train problems held out, the cpu
 preset before its retune: 4 inner steps, 6 after a promotion, lr 2e-4, the fail@16 hard set with
-M = 32, cut-off replies graded): such a job is kept only by a study that asks for these values, e.g.
+M = 32, cut-off replies and unevaluated answers graded): such a job is kept only by a study that asks for these values, e.g.
 benchmarks/results/compare-cpu with ``--env-set inner_steps=4,inner_steps_after_promotion=6,``
-``learning_rate=2e-4,hardset=bundled,eval_subset_size=32,grade_unfinished=true``."""
+``learning_rate=2e-4,hardset=bundled,eval_subset_size=32,grade_unfinished=true,accept_unevaluated=true``."""
 
 
 def job_settings(bench: BenchConfig, method: str) -> dict[str, Any]:

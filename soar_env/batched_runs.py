@@ -184,7 +184,8 @@ def _grade(student: Student, rollouts: Sequence[Any], problem_lists: Sequence[Se
     config = student.config
     finished = None if config.grade_unfinished else [s for r in rollouts for s in r.stopped]
     grades = grade_many(texts, golds, require_box=config.require_box, timeout=config.grade_timeout,
-                        processes=config.grade_processes, finished=finished)
+                        processes=config.grade_processes, finished=finished,
+                        accept_unevaluated=config.accept_unevaluated)
     out, start = [], 0
     for r in rollouts:
         out.append(grades[start : start + len(r)])

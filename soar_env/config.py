@@ -32,7 +32,7 @@ SCHEDULING_SETTINGS = ("backend", "batch_runs", "ray_address", "ray_workers", "r
 """Settings of where and how student runs execute, not of what they compute (the same results, up to
 float round-off): a study may change them between sessions and keep its finished results."""
 
-LATER_SETTINGS = {"grade_unfinished": True}
+LATER_SETTINGS = {"grade_unfinished": True, "accept_unevaluated": True}
 """Settings added after studies were committed, with the value those studies were measured with."""
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -153,6 +153,8 @@ class EnvConfig:
     """{doc:soar_env.student.StudentConfig.require_box} Paper: True."""
     grade_unfinished: bool = True
     """{doc:soar_env.student.StudentConfig.grade_unfinished} Paper: True."""
+    accept_unevaluated: bool = True
+    """{doc:soar_env.student.StudentConfig.accept_unevaluated} Paper: True."""
     grade_timeout: float = 5.0
     """{doc:soar_env.student.StudentConfig.grade_timeout}"""
 
@@ -330,12 +332,14 @@ PRESETS: dict[str, EnvConfig] = {
     # the problems to separate methods; "bundled" (fail@16, 39 + 39, M = 32) was the earlier setting.
     # Replies cut off at 48 tokens are graded wrong (grade_unfinished=False): without a box the
     # "answer" of a cut-off reply is the last number it reached, and that chance hit was all an
-    # answer-shuffled dataset earned (section 8).
+    # answer-shuffled dataset earned (section 8). For the same reason an answer that is still an
+    # operation ("9/14 - 9/20 = 9/14 - 9/20" for 27/140: the question written back) is wrong.
     "cpu": EnvConfig(
         num_datasets=2, problems_per_dataset=16, repeats=2, eval_subset_size=64, intrinsic_samples=8,
         student_model="smollm2-135m-instruct", lora=True, lora_rank=16, lora_alpha=32,
         inner_steps=8, inner_steps_after_promotion=12, batch_size=4, group_size=8,
-        learning_rate=1e-3, max_new_tokens=48, require_box=False, grade_unfinished=False, hardset="bundled-fail32",
+        learning_rate=1e-3, max_new_tokens=48, require_box=False, grade_unfinished=False, accept_unevaluated=False,
+        hardset="bundled-fail32",
         compute_dtype="auto",
     ),
     # The paper: Llama-3.2-3B-Instruct as student, full fine-tune at lr 1e-5 (the paper's rate only

@@ -65,6 +65,10 @@ class StudentConfig:
     them wrong (status ``unfinished``), in training rewards and evaluations alike: with
     ``require_box=False`` the "answer" of a cut-off reply is the last number it reached, which a
     weak student hits by chance (benchmarks/README.md section 8)."""
+    accept_unevaluated: bool = True
+    """Accept an answer equal to the gold in value though still an operation ("9/14 - 9/20" for
+    27/140), as the paper's symbolic grader does. False grades it wrong (status ``unevaluated``): a
+    weak student that writes a question's expression back gets it "right" without computing it."""
     grade_timeout: float = 5.0
     """Seconds allowed to grade one response before it counts as wrong."""
     grade_processes: int | None = None
@@ -227,6 +231,7 @@ class Student:
             timeout=self.config.grade_timeout,
             processes=self.config.grade_processes,
             finished=None if self.config.grade_unfinished else rollout.stopped,
+            accept_unevaluated=self.config.accept_unevaluated,
         )
 
     def train(
@@ -453,6 +458,7 @@ def build_student(config: EnvConfig) -> Student:
         eval_max_new_tokens=config.eval_tokens,
         require_box=config.require_box,
         grade_unfinished=config.grade_unfinished,
+        accept_unevaluated=config.accept_unevaluated,
         grade_timeout=config.grade_timeout,
         lr=config.learning_rate,
         kl_coef=config.kl_coef,

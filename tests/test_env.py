@@ -49,7 +49,7 @@ def test_paper_preset_has_the_paper_numbers():
     assert (c.inner_steps, c.inner_steps_after_promotion, c.batch_size, c.group_size) == (10, 15, 8, 32)
     assert (c.learning_rate, c.kl_coef, c.temperature, c.max_new_tokens) == (1e-5, 1e-3, 1.0, 1024)
     assert c.reward_estimator == "greedy" and c.require_box and c.reward_mode == "grounded" and c.intrinsic_samples == 32
-    assert c.grade_unfinished  # the paper's grader reads every reply
+    assert c.grade_unfinished and c.accept_unevaluated  # the paper's grader reads every reply, symbolically
     assert c.student_model == "meta-llama/Llama-3.2-3B-Instruct" and c.episode_length == 200
     assert PRESETS["cpu"].student_model == "smollm2-135m-instruct" and not PRESETS["cpu"].require_box
     assert PRESETS["cpu"].hardset == "bundled-fail32" and PRESETS["tiny"].student_model == "tiny"

@@ -108,7 +108,7 @@ def test_the_committed_cpu_study_loads_and_its_table_regenerates():
     """The study was measured with the earlier protocol: it loads under those settings, and only under them."""
     settings = dict(preset="cpu", seeds=3, teacher_steps=4, out=str(STUDY), plots=False)
     before_retune = ("inner_steps=4,inner_steps_after_promotion=6,learning_rate=2e-4,"  # the cpu preset it ran on
-                     "hardset=bundled,eval_subset_size=32,grade_unfinished=true")
+                     "hardset=bundled,eval_subset_size=32,grade_unfinished=true,accept_unevaluated=true")
     bench = BenchConfig(pq_schedule="per-chunk", heldout_size=32, env_set=before_retune, **settings)
     rows, teachers = collect(bench, STUDY)
     assert set(rows) == {"base-student", "hard-only", "base", "random", "intrinsic", "grounded", "soar-pq",

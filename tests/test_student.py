@@ -50,7 +50,8 @@ class ParityGrader:
     def __init__(self) -> None:
         self.responses: list[list[str]] = []
 
-    def __call__(self, responses, golds, *, require_box=True, timeout=5.0, processes=None, finished=None):
+    def __call__(self, responses, golds, *, require_box=True, timeout=5.0, processes=None, finished=None,
+                 accept_unevaluated=True):
         assert len(responses) == len(golds) and finished is None
         self.responses.append(list(responses))
         return [FakeGrade(len(r) % 2 == 0, "correct" if len(r) % 2 == 0 else "wrong") for r in responses]
@@ -257,6 +258,16 @@ def test_unfinished_replies_are_graded_wrong_only_when_asked(policy) -> None:
     assert evaluation.correct == [0, 0] and evaluation.statuses == {"unfinished": 4}
 
 
+def test_the_question_written_back_is_wrong_only_when_asked(policy) -> None:
+    from soar_env.models.rollout import Rollout
+
+    rollout = Rollout.from_completions([[1]], [[([5], "so 2 + 3 = 2 + 3", True), ([6], "2 + 3 = 5", True)]])
+    lenient = Student(policy, tiny_config(require_box=False))
+    strict = Student(policy, tiny_config(require_box=False, accept_unevaluated=False))
+    assert lenient.rewards(rollout, PROBLEMS[:1]) == [1.0, 1.0]
+    assert [g.status for g in strict._grade(rollout, PROBLEMS[:1])] == ["unevaluated", "correct"]
+
+
 def test_build_student_passes_the_grading_settings():
     from soar_env.config import make_config
     from soar_env.student import build_student
@@ -264,6 +275,8 @@ def test_build_student_passes_the_grading_settings():
     assert build_student(make_config("tiny")).config.grade_unfinished is True
     assert build_student(make_config("tiny", grade_unfinished=False)).config.grade_unfinished is False
     assert make_config("paper").grade_unfinished is True and make_config("cpu").grade_unfinished is False
+    assert build_student(make_config("tiny", accept_unevaluated=False)).config.accept_unevaluated is False
+    assert make_config("paper").accept_unevaluated is True and make_config("cpu").accept_unevaluated is False
 
 
 def test_build_student_passes_the_compute_dtype():

@@ -321,6 +321,23 @@ def test_grade_many_leaves_unfinished_replies_unread() -> None:
         grade_many(responses, golds, finished=[True])
 
 
+@pytest.mark.parametrize(("answer", "gold", "unevaluated"), [
+    ("9/14 - 9/20", r"\frac{27}{140}", True),   # the question written back
+    ("3723 - 3823", "-100", True),
+    (r"6 \times 6", "36", True),
+    ("27/140", r"\frac{27}{140}", False),      # plain-text fraction: a value
+    (r"-\frac{1}{2}", "-1/2", False),          # a sign, not an operation
+    (r"1.5 \times 10^{3}", "1500", False),   # scientific notation: one number
+    ("x + 1", "1 + x", False),                 # the gold is an expression too
+    (r"10^{-3}", "0.001", False),
+])
+def test_unevaluated_answers_are_wrong_only_when_asked(answer, gold, unevaluated) -> None:
+    lenient, strict = (grade_many([rf"\boxed{{{answer}}}"], [gold], fast_path=False, accept_unevaluated=accept)[0]
+                       for accept in (True, False))
+    assert lenient.correct
+    assert strict == (Grade("unevaluated", answer, "boxed") if unevaluated else lenient)
+
+
 def test_grade_many_validates_arguments() -> None:
     with pytest.raises(ValueError):
         grade_many(["a"], ["a", "b"])

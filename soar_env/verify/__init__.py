@@ -26,6 +26,7 @@ from soar_env.verify.extract import (
     drop_dollars,
     extract_answer,
     extract_boxed,
+    is_unevaluated,
     normalize_answer,
     unbox,
 )
@@ -37,9 +38,11 @@ __all__ = [
     "grade_many", "grading_stats", "normalize_answer", "reset_grading_stats", "shutdown_grading_pool", "warm_up",
 ]
 
-GRADE_STATUSES = ("correct", "wrong", "no_answer", "unparsable", "timeout", "unfinished")
+GRADE_STATUSES = ("correct", "wrong", "no_answer", "unparsable", "timeout", "unfinished", "unevaluated")
 """Every value :attr:`Grade.status` can take. ``unfinished``: the reply was cut off by the token
-limit and the caller asked for such replies not to be read (``grade_many(finished=...)``)."""
+limit and the caller asked for such replies not to be read (``grade_many(finished=...)``).
+``unevaluated``: the answer is still an operation where the gold one is a value, and the caller
+asked for such answers to be wrong (``grade_many(accept_unevaluated=False)``)."""
 
 MAX_ANSWER_CHARS = 10_000
 """Longer extracted answers are ``"unparsable"`` at once: sympy would only burn the time limit."""
@@ -79,6 +82,7 @@ def grade_many(
     processes: int | None = None,
     fast_path: bool = True,
     finished: Sequence[bool] | None = None,
+    accept_unevaluated: bool = True,
 ) -> list[Grade]:
     """Grade ``responses[i]`` against ``golds[i]`` in parallel worker processes, order kept.
 
@@ -93,6 +97,10 @@ def grade_many(
     response marked False ``"unfinished"``, unread. Without a box requirement, the answer of a
     reply cut off mid-sentence is whatever number it had reached, which a weak model hits by
     chance; None reads every response, as the paper's grader does.
+
+    ``accept_unevaluated=False`` grades an answer that is still a sum, difference or product where
+    the gold answer is one value ("9/14 - 9/20" for 27/140) ``"unevaluated"``: it equals the gold
+    in value, but a weak model gets there by writing the question's expression back.
     """
     if len(responses) != len(golds):
         raise ValueError(f"{len(responses)} responses but {len(golds)} gold answers")
@@ -123,6 +131,9 @@ def grade_many(
             grades[i] = Grade("no_answer", extracted, found_by)
             continue
         gold = clean_gold(gold)
+        if not accept_unevaluated and is_unevaluated(extracted, gold):
+            grades[i] = Grade("unevaluated", extracted, found_by)
+            continue
         gold_key = normalize_answer(gold)
         if fast_path and gold_key and normalize_answer(extracted) == gold_key:
             count("fast_path")

@@ -205,3 +205,22 @@ def clean_gold(gold: str) -> str:
     reads as one answer.
     """
     return drop_dollars(unbox(gold))
+
+
+# An arithmetic operation between two operands: "9 + 1", "3723 - 3823", "2\\times 3", "\\frac{9}{14}-\\frac{9}{20}".
+# A leading or bracketed sign ("-5", "10^{-3}", "(-1, 2)") has no left operand and is not one; "27/140"
+# is how plain text writes a fraction, so "/" is not one either; "1e-5" and "1.5\\times 10^{3}" are one number.
+_OPERATION_RE = re.compile(r"[\w)}\]]\s*(?:[+\-*×·÷]|\\(?:times|cdot|div)(?![A-Za-z]))\s*[\w\\({\[]")
+_SCIENTIFIC_RE = re.compile(r"\d(?:\.\d+)?(?:[eE][+-]?\d+|\\times10\^)")
+
+
+def has_operation(answer: str) -> bool:
+    """True when ``answer`` still holds an arithmetic operation between two operands."""
+    return _OPERATION_RE.search(_SCIENTIFIC_RE.sub("0", normalize_answer(answer))) is not None
+
+
+def is_unevaluated(pred: str, gold: str) -> bool:
+    """An answer that is still a sum, difference, product or quotient where the gold one is a single
+    value: "9/14 - 9/20" for 27/140. It equals the gold in value, so a symbolic grader accepts it,
+    though it is often the question's own expression written back."""
+    return has_operation(pred) and not has_operation(gold)
