@@ -73,6 +73,28 @@ def test_set_reference_scores_with_the_given_state_in_one_model(lora):
             torch.testing.assert_close(logprobs_of(policy, rollout, reference=True), logprobs_of(policy, rollout))
 
 
+def test_a_reference_with_zero_lora_b_runs_as_the_base_model_bit_for_bit(monkeypatch):
+    """A fresh run's reference (every lora_B zero) is scored with the adapters off, which skips their
+    products; the log-probs are exactly those of swapping the reference tensors in."""
+    policy = tiny_policy(lora=True)
+    rollout = rollout_for(policy)
+    start = {n: t + 0.1 if "lora_A" in n else t for n, t in policy.state_dict_trainable().items()}  # B still 0
+    policy.set_reference(start)
+    policy.load_state_dict_trainable(perturbed(policy, seed=2))
+    calls = []
+    disable = policy.model.disable_adapter
+    monkeypatch.setattr(policy.model, "disable_adapter", lambda: calls.append(1) or disable())
+    fast = logprobs_of(policy, rollout, reference=True)
+    assert calls == [1]
+    policy._reference_is_base = False  # force the swap of the reference tensors
+    torch.testing.assert_close(fast, logprobs_of(policy, rollout, reference=True), rtol=0, atol=0)
+    assert calls == [1]
+    policy.set_reference(perturbed(policy, seed=3))  # non-zero B: the tensors are swapped in
+    assert not policy._reference_is_base
+    logprobs_of(policy, rollout, reference=True)
+    assert calls == [1]
+
+
 def test_set_reference_refuses_a_state_of_another_policy():
     policy = tiny_policy(lora=True)
     with pytest.raises(KeyError, match="reference state does not match"):
