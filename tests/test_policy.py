@@ -448,3 +448,28 @@ def test_a_bf16_update_trains_the_fp32_weights(lora) -> None:
         assert any("lora_B" in n for n in changed)
     else:
         assert len(changed) > len(after) // 2
+
+
+def test_kept_bf16_copies_of_the_frozen_weights_change_nothing_bit_for_bit() -> None:
+    """The update's passes run on bf16 copies of the frozen base (cast once, not once per pass):
+    log-probs and adapter gradients are exactly those of autocast's own casts, and a frozen weight
+    changed in place (a loaded checkpoint) is copied again."""
+    from soar_env.models.precision import FrozenWeightCasts
+
+    policy = tiny_policy_with(compute_dtype="bfloat16")
+    rows = scored_rows(policy)
+    policy.load_state_dict_trainable({n: t + 0.01 for n, t in policy.state_dict_trainable().items()})  # B != 0
+
+    def scores_and_grads(kept_copies: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        policy._frozen_casts = FrozenWeightCasts(policy.model, torch.bfloat16 if kept_copies else torch.float32)
+        logprobs, mask = policy.token_logprobs(*rows)
+        grads = torch.autograd.grad(logprobs[mask].sum(), policy.trainable_parameters())
+        return logprobs.detach(), list(grads)
+
+    for _ in range(2):  # the second round changes a frozen weight: the copies must follow it
+        kept, autocast_only = scores_and_grads(True), scores_and_grads(False)
+        assert torch.equal(kept[0], autocast_only[0])
+        assert all(torch.equal(a, b) for a, b in zip(kept[1], autocast_only[1]))
+        assert {p.dtype for p in policy.model.parameters()} == {torch.float32}  # fp32 again after the pass
+        with torch.no_grad():
+            next(m for n, m in policy.model.named_modules() if n.endswith("q_proj.base_layer")).weight.mul_(1.5)

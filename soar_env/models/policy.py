@@ -44,7 +44,7 @@ from soar_env.models.decode_engines import FastDecodeSettings
 from soar_env.models.export import write_pretrained_folder
 from soar_env.models.fast_decode import sample_rollout
 from soar_env.models.generate import generate_rollout
-from soar_env.models.precision import resolve_compute_dtype
+from soar_env.models.precision import FrozenWeightCasts, resolve_compute_dtype
 from soar_env.models.resolve import load_model, prepare_tokenizer
 from soar_env.models.rollout import Completion, Rollout
 from soar_env.models.scoring import picked_logprobs
@@ -135,9 +135,9 @@ class LMPolicy(SamplerBase):
         self.cache_kwarg = "cache" if "cache" in decoder_arguments else "past_key_values"
         self._reference_model: PreTrainedModel | None = None
         self._reference_state: dict[str, Tensor] | None = None
+        """Device tensors that stand in for the trainable ones in reference passes (set_reference)."""
         self._reference_is_base = False
         """The set reference has every lora_B at zero, so it scores exactly as the base model."""
-        """Device tensors that stand in for the trainable ones in reference passes (set_reference)."""
         self.sampler: Sampler | None = None
         """Where :meth:`sample` runs: None is this transformers model; e.g. a ``VLLMSampler``."""
         self.compute_dtype = resolve_compute_dtype(compute_dtype, self.device)
@@ -145,6 +145,7 @@ class LMPolicy(SamplerBase):
         bfloat16 runs them under ``torch.autocast``: the weights stay as they are (fp32 master
         weights for the optimiser, adapters and full fine-tuning alike), each product rounds its
         inputs to bf16, and the log-softmax runs in fp32."""
+        self._frozen_casts = FrozenWeightCasts(self.model, self.compute_dtype)
         self.fast_decode: FastDecodeSettings | None = FastDecodeSettings(
             dtype="bfloat16" if self.compute_dtype == torch.bfloat16 else "float32")
         """This model's sampler: the own decode loop (`soar_env.models.fast_decode`; 1.7x ``generate`` in
@@ -271,7 +272,8 @@ class LMPolicy(SamplerBase):
         else:
             context, base = nullcontext(), self._base_model()
         chunks = []
-        with context, (torch.no_grad() if reference else nullcontext()), self._autocast():
+        with context, (torch.no_grad() if reference else nullcontext()), self._autocast(), \
+                self._frozen_casts.in_place():
             for start in range(0, rows, step):
                 chunk = self._logprobs(
                     base, prompt_ids[start : start + step], completion_ids[start : start + step], temperature,
@@ -300,13 +302,8 @@ class LMPolicy(SamplerBase):
         prompt_tensor, prompt_mask = left_pad([list(p) for p in groups], self.tokenizer.pad_token_id, self.device)
         cache = self.new_cache()
         prompt_hidden = _call_with(
-            decoder,
-            overrides,
-            input_ids=prompt_tensor,
-            attention_mask=prompt_mask,
-            position_ids=positions(prompt_mask),
-            use_cache=True,
-            **{self.cache_kwarg: cache},
+            decoder, overrides, input_ids=prompt_tensor, attention_mask=prompt_mask,
+            position_ids=positions(prompt_mask), use_cache=True, **{self.cache_kwarg: cache},
         ).last_hidden_state[:, -1]  # (U, H): left padding puts every prompt's last token last
         index = torch.tensor(row_group, device=self.device)  # (B,)
         if len(groups) != len(row_group):
@@ -320,13 +317,10 @@ class LMPolicy(SamplerBase):
             token_mask[i, : len(completion)] = True
         prompt_lengths = prompt_mask.sum(1)[index]  # (B,)
         hidden = _call_with(
-            decoder,
-            overrides,
-            input_ids=tokens,
+            decoder, overrides, input_ids=tokens,
             attention_mask=torch.cat([prompt_mask[index], token_mask.long()], 1),  # (B, P+T)
             position_ids=prompt_lengths[:, None] + torch.arange(width, device=self.device),  # (B, T)
-            use_cache=True,
-            **{self.cache_kwarg: cache},
+            use_cache=True, **{self.cache_kwarg: cache},
         ).last_hidden_state  # (B, T, H)
         # Token t is predicted by the state before it: the prompt's last for t = 0.
         predictors = torch.cat([prompt_hidden[index, None], hidden[:, :-1]], 1)  # (B, T, H)
