@@ -37,6 +37,10 @@ PACKAGES = ("soar_env", "agents")
 
 SCHEDULES = ("alternate", "concurrent")
 
+OLD_SIDE_ENV = "SOAR_AGAINST_OLD_SIDE"
+"""Set in the other commit's process: settings its library predates are left out there (see
+:func:`settings_for_this_library`)."""
+
 Figure = tuple[str, Callable[[dict[str, Any]], float]]
 """A column of the comparison: its label and how to read it from one run's JSON output."""
 
@@ -67,9 +71,13 @@ def side_root(library: Path, scratch: Path, name: str) -> Path:
     return root
 
 
-def start_side(root: Path, module: str, argv: Sequence[str], out: Path, threads: int | None) -> subprocess.Popen:
+def start_side(root: Path, module: str, argv: Sequence[str], out: Path, threads: int | None,
+               old: bool = False) -> subprocess.Popen:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(root)  # before site-packages, so before the editable install of our tree
+    env.pop(OLD_SIDE_ENV, None)
+    if old:
+        env[OLD_SIDE_ENV] = "1"
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
     command = [sys.executable, "-m", module, *argv, "--json", str(out)]
@@ -105,17 +113,37 @@ def run_pairs(module: str, argv: Sequence[str], rev: str, runs: int, *, schedule
             outs = {side: scratch / f"{side}-{i}.json" for side in order}
             load = os.getloadavg()[0]
             if schedule == "concurrent":
-                started = {side: start_side(roots[side], module, argv, outs[side], threads) for side in order}
+                started = {side: start_side(roots[side], module, argv, outs[side], threads, side == "theirs")
+                           for side in order}
                 for side in order:
                     results[side].append(finish_side(started[side], outs[side], side))
             else:
                 for side in order:
-                    process = start_side(roots[side], module, argv, outs[side], threads)
+                    process = start_side(roots[side], module, argv, outs[side], threads, side == "theirs")
                     results[side].append(finish_side(process, outs[side], side))
             print(f"# pair {i + 1}/{runs} done ({' then '.join(order)}; load before {load:.1f}, "
                   f"after {os.getloadavg()[0]:.1f})", flush=True)
     return {"module": module, "argv": list(argv), "rev": rev, "theirs_sha": sha, "ours_sha": ours_sha,
             "ours_dirty": dirty, "schedule": schedule, "threads": threads, "runs": runs, **results}
+
+
+def settings_for_this_library(settings: dict[str, Any], known: set[str] | None = None) -> dict[str, Any]:
+    """``settings`` without the env settings that this process's library does not have, when it is the
+    other commit's side; each left out is printed. A setting added later runs there as that library
+    always ran, so a row must ask for the value that reproduces it (e.g. ``grade_unfinished=true``).
+    ``known``: the library's setting names (default: its EnvConfig's fields)."""
+    if not os.environ.get(OLD_SIDE_ENV):
+        return settings
+    if known is None:
+        import dataclasses
+
+        from soar_env.config import EnvConfig  # this side's library
+
+        known = {f.name for f in dataclasses.fields(EnvConfig)}
+    unknown = sorted(set(settings) - known)
+    if unknown:
+        print(f"# the other commit has no setting {', '.join(unknown)}: left out there", flush=True)
+    return {k: v for k, v in settings.items() if k in known}
 
 
 def paired_table(pairs: dict[str, Any], figures: Sequence[Figure], title: str) -> list[dict[str, Any]]:

@@ -51,7 +51,7 @@ FALLBACK_HARDSET = "generator:addition@4#80%0"
 
 def time_row(preset: str, overrides: dict[str, Any], runs: int, seed: int, warmup: int = 1) -> dict[str, Any]:
     """Build, reset, take ``warmup`` untimed steps, then time ``runs`` steps of one configuration."""
-    settings = dict(overrides)
+    settings = against.settings_for_this_library(dict(overrides))
     g = int(settings.pop("num_datasets", 0) or 0)
     t0 = time.perf_counter()
     if g:

@@ -55,6 +55,19 @@ def test_against_argv_drops_only_its_own_options():
     assert strip_against(argv) == ["--preset", "cpu", "--grid", "num_datasets=2"]
 
 
+def test_the_older_side_leaves_out_settings_its_library_lacks(monkeypatch, capsys):
+    """A row may name a setting added since the other commit (at the value that reproduces it): that
+    side runs without it and says so; our side keeps every setting, so a typo still fails there."""
+    from benchmarks import against
+
+    row = {"inner_steps": 4, "grade_unfinished": True, "no_such_setting": 1}
+    monkeypatch.delenv(against.OLD_SIDE_ENV, raising=False)
+    assert against.settings_for_this_library(row) == row
+    monkeypatch.setenv(against.OLD_SIDE_ENV, "1")
+    assert against.settings_for_this_library(row, known={"inner_steps", "hardset"}) == {"inner_steps": 4}
+    assert "no setting grade_unfinished, no_such_setting: left out there" in capsys.readouterr().out
+
+
 def test_env_step_time_against_a_commit_runs_both_trees(tmp_path):
     """--against times the same rows on another commit (here HEAD, exported) in separate processes,
     each side importing the library from its own tree (the harness from ours); the repository's
