@@ -325,9 +325,9 @@ PRESETS: dict[str, EnvConfig] = {
     # This machine (2 CPU cores): the embedded SmolLM2-135M, the bundled hard set, LoRA, bf16 compute.
     # A 4-problem x 8-sample x 48-token RLOO step costs ~15-20 s here. Retuned from the reward-signal
     # panel (benchmarks/README.md section 8): at 4 inner steps and lr 2e-4 the greedy reward was 0 in
-    # 42 of 44 panel runs and in every step of the first CPU study; at 8 steps and lr 1e-3 it is
-    # non-zero in most runs and the main job promotes (a step ~9-12 minutes). Inner steps keep the
-    # paper's 10 -> 15 ratio after a promotion. The hard set is the fail@32 one (173 train, 173 test),
+    # 42 of 44 panel runs and in every step of the first CPU study; at 8 steps and lr 1e-3 it was
+    # non-zero in most runs (a step ~9-12 minutes), until sorting the hits showed them to be the
+    # grader's chance hits (below). Inner steps keep the paper's 10 -> 15 ratio after a promotion. The hard set is the fail@32 one (173 train, 173 test),
     # so that Q_R can hold M = 64 (a reward step of 1/128 at r = 2) and a comparison's hard test has
     # the problems to separate methods; "bundled" (fail@16, 39 + 39, M = 32) was the earlier setting.
     # Replies cut off at 48 tokens are graded wrong (grade_unfinished=False): without a box the

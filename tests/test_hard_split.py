@@ -71,11 +71,13 @@ def test_the_split_is_disjoint_exact_and_independent_of_order():
     assert twin in test2 and twin not in train2
 
 
-def test_the_bundled_split_column_is_kept_exactly():
-    train, test = hard_splits(make_config("cpu"))
-    assert [p.id for p in train] == [p.id for p in load_hardset("bundled", "train")]
-    assert [p.id for p in test] == [p.id for p in load_hardset("bundled", "test")]
-    assert [p.id for p in load_hard_pool(make_config("cpu"))] == [p.id for p in train]
+@pytest.mark.parametrize("name", ["bundled", "bundled-fail32"])
+def test_the_bundled_split_column_is_kept_exactly(name):
+    config = make_config("cpu", hardset=name)
+    train, test = hard_splits(config)
+    assert [p.id for p in train] == [p.id for p in load_hardset(name, "train")]
+    assert [p.id for p in test] == [p.id for p in load_hardset(name, "test")]
+    assert [p.id for p in load_hard_pool(config)] == [p.id for p in train]
 
 
 def test_q_r_from_the_test_split_warns_loudly():
