@@ -172,7 +172,7 @@ def test_close_frees_the_student_and_the_baseline_cache(make):
     env = make()
     env.reset(seed=0)
     env.close()
-    assert env.core._student is None and env.core._baseline_cache == {}
+    assert env.core._student is None and env.core.baseline_scores_cache.greedy == {}
 
 
 def test_docstring_example():

@@ -131,11 +131,6 @@ class SOARCore:
         sampled = self.config.reward_estimator == "sampled"
         self.eval_seed = int(rng.integers(2**31 - 1)) if sampled else None
 
-    @property
-    def _baseline_cache(self) -> dict[int, dict[str, int]]:
-        """The greedy answers kept per student state (state id -> problem id -> correct)."""
-        return self.baseline_scores_cache.greedy
-
     def baseline_scores(self) -> tuple[QRScores, StepTimings]:
         """The baseline's scores on Q_R under ``reward_estimator``, computed only when not known
         (see `soar_env.envs.baseline`): the g datasets of a step share them."""
