@@ -169,11 +169,14 @@ def parse_override(text: str) -> dict[str, Any]:
     settings of a benchmark row. Here, with the harness, so that it works against any older soar_env."""
     if text.strip() == "base":
         return {}
-    overrides: dict[str, Any] = {}
+    pairs: list[list[str]] = []
     for part in text.split(","):
-        key, _, value = part.partition("=")
-        overrides[key.strip()] = _setting_value(value.strip())
-    return overrides
+        if "=" not in part and pairs:  # a comma inside a value: "hardset_families=addition,fraction@2"
+            pairs[-1][1] += "," + part
+        else:
+            key, _, value = part.partition("=")
+            pairs.append([key, value])
+    return {key.strip(): _setting_value(value.strip()) for key, value in pairs}
 
 
 def _setting_value(text: str) -> Any:

@@ -32,7 +32,7 @@ SCHEDULING_SETTINGS = ("backend", "batch_runs", "ray_address", "ray_workers", "r
 """Settings of where and how student runs execute, not of what they compute (the same results, up to
 float round-off): a study may change them between sessions and keep its finished results."""
 
-LATER_SETTINGS = {"grade_unfinished": True, "accept_unevaluated": True}
+LATER_SETTINGS = {"grade_unfinished": True, "accept_unevaluated": True, "hardset_families": None}
 """Settings added after studies were committed, with the value those studies were measured with."""
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -162,6 +162,12 @@ class EnvConfig:
     hardset: str = "bundled"
     """Hard problems Q_R is drawn from: "bundled" (fail@16, 39 + 39), "bundled-fail32" (the larger
     fail@32 set), a hard-set jsonl, or any load_problems spec."""
+    hardset_families: str | None = None
+    """Keep only the hard set's problems of these generator families and difficulties, written as
+    in a generator spec: "addition,subtraction,multiplication@2-3" (no "@": every difficulty). Both
+    splits are filtered, so Q_R and the hard test sit at the same edge. None keeps every problem.
+    For a small student whose hard set mixes problems it can learn in one run with ones it cannot
+    (benchmarks/README.md section 8); needs problems that carry a family (generated ones do)."""
     hardset_split: str = "train"
     """Split of a hard-set file to draw Q_R from; the test split stays held out (paper: train)."""
     sample_difficulty: int = 1

@@ -94,3 +94,15 @@ def test_env_step_time_against_a_commit_runs_both_trees(tmp_path):
     assert against.git("worktree", "list") == worktrees
     step = next(f for f in report["rows"][0]["figures"] if f["figure"] == "step s")
     assert step["ours"][0] > 0 and step["theirs"][0] > 0
+
+
+def test_setting_overrides_parse_values_with_commas():
+    """Benchmark rows and --set/--env-set: "a=1,b=x" pairs, typed values, and a comma inside a value
+    (a family list) stays in that value."""
+    from benchmarks.timing import parse_override
+
+    assert parse_override("base") == {}
+    assert parse_override("inner_steps=8,learning_rate=1e-3,lora=false,hardset=bundled") == {
+        "inner_steps": 8, "learning_rate": 1e-3, "lora": False, "hardset": "bundled"}
+    assert parse_override("hardset_families=addition,subtraction@2-3,eval_subset_size=32") == {
+        "hardset_families": "addition,subtraction@2-3", "eval_subset_size": 32}

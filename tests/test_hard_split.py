@@ -117,3 +117,25 @@ def test_hard_only_says_so_when_q_r_is_the_whole_pool():
     with pytest.warns(UserWarning, match="trains on the problems its reward is measured on"):
         batch = teacher.propose(1, 4)[0]
     assert len(batch) == 4
+
+
+def test_hardset_families_keeps_one_edge_in_both_splits(tmp_path):
+    """hardset_families filters train (Q_R's pool) and test alike, by generator family and
+    difficulty; no "@" keeps every difficulty; a hard set without families is refused clearly."""
+    config = make_config("cpu", hardset_families="addition,subtraction,multiplication@2-3")
+    train, test = hard_splits(config)
+    full_train, full_test = hard_splits(make_config("cpu"))
+    for kept, full in ((train, full_train), (test, full_test)):
+        expected = [p.id for p in full if p.meta["family"] in ("addition", "subtraction", "multiplication")
+                    and p.meta["difficulty"] in (2, 3)]
+        assert [p.id for p in kept] == expected and expected
+    assert len(train) == 37 and load_hard_pool(config) == train
+    every_level = hard_splits(make_config("cpu", hardset_families="addition"))[0]
+    assert {p.meta["difficulty"] for p in every_level} == {2, 3, 4}
+    with pytest.raises(ValueError, match="unknown generator family"):
+        hard_splits(make_config("cpu", hardset_families="algebra@2"))
+    math_like = tmp_path / "math.jsonl"
+    save_jsonl([Problem(f"Find x if x + {i} = 2{i}.", "20", id=f"m{i}") for i in range(6)], math_like)
+    with pytest.raises(ValueError, match="has no generator family"):
+        hard_splits(make_config("tiny", hardset=str(math_like), hardset_families="addition"))
+    assert "hardset_families" not in make_config("cpu").measured_settings()  # older studies still load

@@ -32,7 +32,7 @@ import math
 import os
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
@@ -42,7 +42,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from soar_env.config import DTYPES, SAMPLERS, EnvConfig
-from soar_env.data.loaders import load_jsonl, load_problems, save_jsonl
+from soar_env.data.loaders import load_jsonl, load_problems, parse_generator_spec, save_jsonl
 from soar_env.problems import Problem
 from soar_env.prompts import student_prompt
 from soar_env.verify import grade_many
@@ -395,7 +395,26 @@ def hard_splits(config: EnvConfig) -> tuple[list[Problem], list[Problem]]:
     """
     spec = config.hardset
     rows = load_hardset(spec, split=None) if spec in BUNDLED_HARDSETS else load_problems(spec)
-    return split_pool(rows)
+    train, test = split_pool(rows)
+    if config.hardset_families is None:
+        return train, test
+    keep = family_filter(config.hardset_families)
+    return [p for p in train if keep(p)], [p for p in test if keep(p)]
+
+
+def family_filter(text: str) -> Callable[[Problem], bool]:
+    """Whether a problem is of the families and difficulties ``text`` names ("addition@2-3", "all@1")."""
+    spec = parse_generator_spec(text)
+    levels = set(spec.difficulty) if "@" in text else None
+
+    def keep(problem: Problem) -> bool:
+        family = problem.meta.get("family")
+        if family is None:
+            raise ValueError(f"hardset_families={text!r}: problem {problem.id} has no generator family "
+                             "(meta['family']); the filter only applies to generated hard sets")
+        return family in spec.families and (levels is None or problem.meta.get("difficulty") in levels)
+
+    return keep
 
 
 def load_hard_pool(config: EnvConfig) -> list[Problem]:
