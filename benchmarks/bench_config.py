@@ -10,9 +10,9 @@ from typing import Any
 
 from agents.train import DEFAULT_STEPS
 from benchmarks.evaluation import EvalConfig
+from benchmarks.timing import parse_override
 from soar_env.config import make_config
 from soar_env.data.hardset import BUNDLED_HARDSETS
-from benchmarks.timing import parse_override
 from soar_env.options import check_minimum
 
 METHODS = ("base-student", "hard-only", "base", "random", "intrinsic", "soar", "sb3", "alp-gmm")

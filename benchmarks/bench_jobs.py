@@ -243,8 +243,8 @@ LEGACY_SETTINGS = {"pq_schedule": "per-chunk", "heldout_size": 32,
 """Settings added after job files were first written, with the values those older jobs were
 measured with (AdamW and cosine restarted every chunk, 32 hard-train problems held out, the cpu
 preset before its retune: 4 inner steps, 6 after a promotion, lr 2e-4, the fail@16 hard set with
-M = 32, cut-off replies and unevaluated answers graded): such a job is kept only by a study that asks for these values, e.g.
-benchmarks/results/compare-cpu with ``--env-set inner_steps=4,inner_steps_after_promotion=6,``
+M = 32, cut-off replies and unevaluated answers read): such a job is kept only by a study that asks
+for these values, e.g. benchmarks/results/compare-cpu with ``--env-set inner_steps=4,inner_steps_after_promotion=6,``
 ``learning_rate=2e-4,hardset=bundled,eval_subset_size=32,grade_unfinished=true,accept_unevaluated=true``."""
 
 

@@ -24,11 +24,15 @@ from benchmarks.timing import machine_line, parse_override
 from soar_env.verify import extract_answer
 
 
-def split_hits(graded: list[tuple[Any, list[Any]]]) -> dict[str, int]:
-    """Rows, finished rows, right answers and right answers in cut-off replies over (rollout, grades) pairs."""
+Graded = tuple[list[str], list[bool], list[Any]]
+"""One grading call: the replies, whether each ended by itself, their grades."""
+
+
+def split_hits(graded: list[Graded]) -> dict[str, int]:
+    """Rows, finished rows, right answers and right answers in cut-off replies over grading calls."""
     counts = {"rows": 0, "finished": 0, "correct": 0, "correct_cut_off": 0}
-    for rollout, grades in graded:
-        for stopped, grade in zip(rollout.stopped, grades):
+    for _, finished, grades in graded:
+        for stopped, grade in zip(finished, grades):
             counts["rows"] += 1
             counts["finished"] += int(stopped)
             counts["correct"] += int(grade.correct)
@@ -39,9 +43,15 @@ def split_hits(graded: list[tuple[Any, list[Any]]]) -> dict[str, int]:
 def probe(study: Study, dataset: str, run: int) -> dict[str, Any]:
     """Train ``dataset`` as the panel's run ``run`` does, answer Q_R greedily, and split the hits."""
     student, config = study.student, study.config
-    graded: list[tuple[Any, list[Any]]] = []
-    grade = student._grade
-    student._grade = lambda rollout, problems: graded.append((rollout, grade(rollout, problems))) or graded[-1][1]
+    graded: list[Graded] = []  # every grading call of the student, in order
+    grade = student.grade_replies
+
+    def recording(texts: Any, stopped: Any, golds: Any) -> list[Any]:
+        grades = grade(texts, stopped, golds)
+        graded.append((list(texts), list(stopped), grades))
+        return grades
+
+    student.grade_replies = recording
     try:
         started = time.perf_counter()
         trained = student.train(study.dataset(dataset, run), steps=config.inner_steps, batch_size=config.batch_size,
@@ -50,12 +60,12 @@ def probe(study: Study, dataset: str, run: int) -> dict[str, Any]:
         graded.clear()
         student.evaluate(study.q_r(run), samples=1, greedy=True, state=trained.state,
                          max_new_tokens=config.eval_tokens, seed=EVAL_SEED + run)
-        (rollout, grades), = graded
+        (texts, finished, grades), = graded
     finally:
-        del student._grade  # back to the class's method
-    hits = [{"finished": rollout.stopped[i], "found_by": extract_answer(rollout.texts[i], require_box=False)[1],
-             "tail": rollout.texts[i][-80:]} for i, g in enumerate(grades) if g.correct]
-    return {"job": f"{dataset}-run{run}", "train": training, "q_r": split_hits([(rollout, grades)]), "q_r_hits": hits,
+        del student.grade_replies  # back to the class's method
+    hits = [{"finished": finished[i], "found_by": extract_answer(texts[i], require_box=False)[1],
+             "tail": texts[i][-80:]} for i, g in enumerate(grades) if g.correct]
+    return {"job": f"{dataset}-run{run}", "train": training, "q_r": split_hits(graded), "q_r_hits": hits,
             "seconds": time.perf_counter() - started}
 
 

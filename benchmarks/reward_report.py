@@ -203,7 +203,6 @@ def _num(value: float | None, digits: int = 4) -> str:
 
 def header(cfg: Any, command: str | None) -> list[str]:
     """The lines that say how the numbers were made: command, machine, settings, runs."""
-
     env = cfg.env_config()
     return [
         f"# Reward signal: {cfg.out}", "",

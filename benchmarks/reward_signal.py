@@ -334,7 +334,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-
     args = build_parser().parse_args(argv)
     overrides: dict[str, Any] = {}
     for text in args.set:

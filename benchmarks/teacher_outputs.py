@@ -30,7 +30,6 @@ from collections import Counter
 from types import SimpleNamespace
 from typing import Any
 
-
 from agents import BaseTeacher
 from agents.teacher_config import make_teacher_config
 from agents.teacher_sampling import Draft, TeacherSampler

@@ -164,6 +164,8 @@ def finish_run(results: dict[str, Any], json_path: str | None) -> dict[str, Any]
         with open(json_path, "w", encoding="utf-8") as handle:
             json.dump(results, handle, indent=2, default=str)
     return results
+
+
 def parse_override(text: str) -> dict[str, Any]:
     """``"base"`` -> {}; ``"a=1,b=x"`` -> {a: 1, b: "x"}, each value as int, float, bool or str: the
     settings of a benchmark row. Here, with the harness, so that it works against any older soar_env."""
@@ -186,5 +188,3 @@ def _setting_value(text: str) -> Any:
         except ValueError:
             pass
     return {"true": True, "false": False}.get(text.lower(), text)
-
-

@@ -36,7 +36,6 @@ from soar_env.problems import Problem
 from soar_env.rl.rloo import NonFiniteLossError, RLOOConfig, RLOOUpdater, rloo_advantages, rloo_loss
 from soar_env.runs import LocalRunner, ProgressEvent, ProgressFn, RunRecord, RunSpec, same_state
 from soar_env.student import Student, TrainResult, checked_problems, shuffled_cycle
-from soar_env.verify import grade_many
 
 Outcome = dict[str, float] | NonFiniteLossError
 """One run's update: its stats, or why it failed (its weights and moments untouched)."""
@@ -178,14 +177,11 @@ class BatchedRLOO:
 
 
 def _grade(student: Student, rollouts: Sequence[Any], problem_lists: Sequence[Sequence[Problem]]) -> list[list[Any]]:
-    """All runs' rows graded in one ``grade_many`` call; per run, its grades."""
+    """All runs' rows graded in one call (`Student.grade_replies`); per run, its grades."""
     texts = [t for r in rollouts for t in r.texts]
+    stopped = [s for r in rollouts for s in r.stopped]
     golds = [problems[i].answer for r, problems in zip(rollouts, problem_lists) for i in r.prompt_index]
-    config = student.config
-    finished = None if config.grade_unfinished else [s for r in rollouts for s in r.stopped]
-    grades = grade_many(texts, golds, require_box=config.require_box, timeout=config.grade_timeout,
-                        processes=config.grade_processes, finished=finished,
-                        accept_unevaluated=config.accept_unevaluated)
+    grades = student.grade_replies(texts, stopped, golds)
     out, start = [], 0
     for r in rollouts:
         out.append(grades[start : start + len(r)])

@@ -223,16 +223,15 @@ class Student:
         return [1.0 if g.correct else 0.0 for g in self._grade(rollout, batch)]
 
     def _grade(self, rollout: "Rollout", problems: Sequence[Problem]) -> list[Any]:
-        golds = [problems[i].answer for i in rollout.prompt_index]
-        return grade_many(
-            rollout.texts,
-            golds,
-            require_box=self.config.require_box,
-            timeout=self.config.grade_timeout,
-            processes=self.config.grade_processes,
-            finished=None if self.config.grade_unfinished else rollout.stopped,
-            accept_unevaluated=self.config.accept_unevaluated,
-        )
+        return self.grade_replies(rollout.texts, rollout.stopped, [problems[i].answer for i in rollout.prompt_index])
+
+    def grade_replies(self, texts: Sequence[str], stopped: Sequence[bool], golds: Sequence[str]) -> list[Any]:
+        """Grades of replies (and whether each ended by itself) under this student's grading settings:
+        the one place training rewards, evaluations and batched runs are graded."""
+        config = self.config
+        return grade_many(list(texts), list(golds), require_box=config.require_box, timeout=config.grade_timeout,
+                          processes=config.grade_processes, finished=None if config.grade_unfinished else stopped,
+                          accept_unevaluated=config.accept_unevaluated)
 
     def train(
         self,

@@ -44,8 +44,7 @@ def parity_grades(responses, golds, **kwargs):
 
 @pytest.fixture(autouse=True)
 def fake_grader(monkeypatch):
-    monkeypatch.setattr(student_module, "grade_many", parity_grades)
-    monkeypatch.setattr(batched_runs, "grade_many", parity_grades)
+    monkeypatch.setattr(student_module, "grade_many", parity_grades)  # batched runs grade through the student too
 
 
 def make_student(**overrides) -> Student:
@@ -111,7 +110,7 @@ def test_a_run_with_all_zero_advantages_skips_alone(monkeypatch) -> None:
         out[8:16] = [FakeGrade(False)] * 8
         return out
 
-    monkeypatch.setattr(batched_runs, "grade_many", grades)
+    monkeypatch.setattr(student_module, "grade_many", grades)
     results = train_runs(student, specs)
     assert results[1].stats[0]["skipped"] == 1.0 and results[1].error is None
     assert all(torch.equal(results[1].state[n], baseline[n]) for n in baseline)
@@ -200,7 +199,6 @@ def test_batched_runs_grade_cut_off_replies_as_a_single_run_does(monkeypatch) ->
     from soar_env.verify import grade_many
 
     monkeypatch.setattr(student_module, "grade_many", grade_many)
-    monkeypatch.setattr(batched_runs, "grade_many", grade_many)
     student = make_student(grade_unfinished=False)
     problems = [PROBLEMS[:1], PROBLEMS[1:2]]
     rollouts = [Rollout.from_completions([[1]], [[([5], f"so it is {p[0].answer}", done) for done in (False, True)]])

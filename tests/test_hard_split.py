@@ -134,6 +134,8 @@ def test_hardset_families_keeps_one_edge_in_both_splits(tmp_path):
     assert {p.meta["difficulty"] for p in every_level} == {2, 3, 4}
     with pytest.raises(ValueError, match="unknown generator family"):
         hard_splits(make_config("cpu", hardset_families="algebra@2"))
+    with pytest.raises(ValueError, match="only FAMILIES"):
+        hard_splits(make_config("cpu", hardset_families="addition@2#10"))
     math_like = tmp_path / "math.jsonl"
     save_jsonl([Problem(f"Find x if x + {i} = 2{i}.", "20", id=f"m{i}") for i in range(6)], math_like)
     with pytest.raises(ValueError, match="has no generator family"):

@@ -259,6 +259,6 @@ def test_cut_off_hits_splits_right_answers_by_how_the_reply_ended(tmp_path, monk
     for counts in (train, q_r):
         assert counts["correct"] == counts["rows"] and counts["correct_cut_off"] == counts["rows"] - counts["finished"]
     assert q_r["rows"] == study.config.eval_subset_size == len(result["q_r_hits"])
-    assert "_grade" not in vars(study.student)
+    assert "grade_replies" not in vars(study.student)
     assert cut_off_hits.main(["--preset", "tiny", "--out", "cut", "--root", str(tmp_path), "shuffled:1"]) == 0
     assert "| shuffled-run1 |" in capsys.readouterr().out

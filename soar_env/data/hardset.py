@@ -404,6 +404,8 @@ def hard_splits(config: EnvConfig) -> tuple[list[Problem], list[Problem]]:
 
 def family_filter(text: str) -> Callable[[Problem], bool]:
     """Whether a problem is of the families and difficulties ``text`` names ("addition@2-3", "all@1")."""
+    if "#" in text or "%" in text:
+        raise ValueError(f"hardset_families={text!r}: only FAMILIES[@D] (a count or a seed selects nothing here)")
     spec = parse_generator_spec(text)
     levels = set(spec.difficulty) if "@" in text else None
 

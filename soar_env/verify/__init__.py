@@ -16,8 +16,8 @@ ran out of time has status ``"timeout"``, is never correct, and is counted in
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from soar_env.verify.extract import (
@@ -110,8 +110,7 @@ def grade_many(
     if processes is None:
         processes = min(os.cpu_count() or 1, DEFAULT_PROCESSES)
     grades: list[Grade | None] = [None] * len(responses)
-    found: list[tuple[str | None, str]] = []
-    pending: list[int] = []
+    pending: list[tuple[int, str, str]] = []  # (response index, extracted answer, found_by) sent to sympy
     requests: list[dict[str, Any]] = []
     for i, (response, gold) in enumerate(zip(responses, golds)):
         if isinstance(gold, (int, float)) and not isinstance(gold, bool):
@@ -119,14 +118,12 @@ def grade_many(
         if not isinstance(gold, str):
             raise TypeError(f"gold answer {i} is {type(gold).__name__}, not str")
         if finished is not None and not finished[i]:
-            found.append((None, "none"))  # keeps found[i] aligned with response i
             grades[i] = Grade("unfinished")
             continue
         # A failed generation may arrive as None: it answered nothing.
         extracted, found_by = (None, "none")
         if isinstance(response, str):
             extracted, found_by = extract_answer(response, require_box=require_box)
-        found.append((extracted, found_by))
         if extracted is None or not extracted.strip():
             grades[i] = Grade("no_answer", extracted, found_by)
             continue
@@ -142,12 +139,11 @@ def grade_many(
         if len(extracted) > MAX_ANSWER_CHARS:
             grades[i] = Grade("unparsable", extracted, found_by)
             continue
-        pending.append(i)
+        pending.append((i, extracted, found_by))
         pred = drop_dollars(extracted)  # "\\boxed{$5$}" means 5
         requests.append({"op": "grade", "gold": gold, "pred": pred})
     replies = run_requests(requests, timeout, processes)
-    for i, reply in zip(pending, replies):
-        extracted, found_by = found[i]
+    for (i, extracted, found_by), reply in zip(pending, replies):
         status = reply["status"] if reply and reply.get("status") in GRADE_STATUSES else "unparsable"
         grades[i] = Grade(status, extracted, found_by)
     count("graded", len(grades))
