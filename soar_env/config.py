@@ -161,7 +161,8 @@ class EnvConfig:
     # --- data -----------------------------------------------------------------------------------
     hardset: str = "bundled"
     """Hard problems Q_R is drawn from: "bundled" (fail@16, 39 + 39), "bundled-fail32" (the larger
-    fail@32 set), a hard-set jsonl, or any load_problems spec."""
+    fail@32 set), "bundled-edge" (fail@32 in the families the embedded student can learn), a
+    hard-set jsonl, or any load_problems spec."""
     hardset_families: str | None = None
     """Keep only the hard set's problems of these generator families and difficulties, written as
     in a generator spec: "addition,subtraction,multiplication@2-3" (no "@": every difficulty). Both
@@ -334,19 +335,22 @@ PRESETS: dict[str, EnvConfig] = {
     # 42 of 44 panel runs and in every step of the first CPU study; at 8 steps and lr 1e-3 it was
     # non-zero in most runs (a step ~9-12 minutes), until sorting the hits showed them to be the
     # grader's chance hits (below). Inner steps keep the paper's 10 -> 15 ratio after a promotion.
-    # The hard set is the fail@32 one (173 train, 173 test), so that Q_R can hold M = 64 (a reward
-    # step of 1/128 at r = 2) and a comparison's hard test has the problems to separate methods;
-    # "bundled" (fail@16, 39 + 39, M = 32) was the earlier setting.
     # Replies cut off at 48 tokens are graded wrong (grade_unfinished=False): without a box the
     # "answer" of a cut-off reply is the last number it reached, and that chance hit was all an
     # answer-shuffled dataset earned (section 8). For the same reason an answer that is still an
     # operation ("9/14 - 9/20 = 9/14 - 9/20" for 27/140: the question written back) is wrong.
+    # Graded so, one run lifts the student by at most 1 of 64 problems of the all-family fail@32
+    # set ("bundled-fail32", 173 + 173), but by 3-4 of 37 on its addition, subtraction and
+    # multiplication problems at difficulty 2-3 (section 8). The hard set is therefore the fail@32
+    # set of those families ("bundled-edge", 168 train, 169 test): M = 64 (a reward step of 1/128
+    # at r = 2), and a hard test large enough to separate methods. Earlier: "bundled" (fail@16,
+    # 39 + 39, M = 32), then "bundled-fail32".
     "cpu": EnvConfig(
         num_datasets=2, problems_per_dataset=16, repeats=2, eval_subset_size=64, intrinsic_samples=8,
         student_model="smollm2-135m-instruct", lora=True, lora_rank=16, lora_alpha=32,
         inner_steps=8, inner_steps_after_promotion=12, batch_size=4, group_size=8,
         learning_rate=1e-3, max_new_tokens=48, require_box=False, grade_unfinished=False,
-        accept_unevaluated=False, hardset="bundled-fail32", compute_dtype="auto",
+        accept_unevaluated=False, hardset="bundled-edge", compute_dtype="auto",
     ),
     # The paper: Llama-3.2-3B-Instruct as student, full fine-tune at lr 1e-5 (the paper's rate only
     # makes sense for all weights), the greedy reward estimator; point hardset at a MATH fail@128 jsonl.

@@ -52,7 +52,7 @@ def test_paper_preset_has_the_paper_numbers():
     assert c.grade_unfinished and c.accept_unevaluated  # the paper's grader reads every reply, symbolically
     assert c.student_model == "meta-llama/Llama-3.2-3B-Instruct" and c.episode_length == 200
     assert PRESETS["cpu"].student_model == "smollm2-135m-instruct" and not PRESETS["cpu"].require_box
-    assert PRESETS["cpu"].hardset == "bundled-fail32" and PRESETS["tiny"].student_model == "tiny"
+    assert PRESETS["cpu"].hardset == "bundled-edge" and PRESETS["tiny"].student_model == "tiny"
 
 
 def test_a_setting_added_later_keeps_older_results_loadable():

@@ -110,20 +110,30 @@ def test_bundled_hardset_is_shipped_and_split():
     assert all(p.meta["correct"] == 0 for p in train + test)
 
 
-def test_the_fail32_set_is_shipped_larger_and_stricter_and_the_old_one_stays():
+@pytest.mark.parametrize("name", ["bundled-fail32", "bundled-edge"])
+def test_the_fail32_sets_are_shipped_larger_and_stricter_and_the_old_one_stays(name):
     """Issue 17: >= 150 train and >= 150 test problems, every one wrong in 32 of 32 samples, its
     settings recorded; "bundled" still names the old fail@16 set, so old studies reproduce."""
     from soar_env.data.hardset import BUNDLED_HARDSETS, bundled_hardset_path
 
-    train, test = hard_splits(make_config("cpu", hardset="bundled-fail32"))
+    train, test = hard_splits(make_config("cpu", hardset=name))
     assert len(train) >= 150 and len(test) >= 150
     assert not {p.question for p in train} & {p.question for p in test}
     assert all(p.meta["correct"] == 0 and p.meta["samples"] == 32 for p in train + test)
-    meta = json.loads(bundled_hardset_path("bundled-fail32").with_name(
-        BUNDLED_HARDSETS["bundled-fail32"] + ".meta.json").read_text())
+    meta = json.loads(bundled_hardset_path(name).with_name(BUNDLED_HARDSETS[name] + ".meta.json").read_text())
     assert meta["settings"]["k"] == 32 and meta["settings"]["max_new_tokens"] == 48
     old_train = load_hardset("bundled", "train")
     assert len(old_train) == 39 and bundled_hardset_path().name == "hardset_smollm2.jsonl"
+
+
+def test_the_edge_set_holds_only_the_families_the_student_can_learn():
+    """The cpu preset's hard set: addition, subtraction and multiplication at difficulty 2-3 only,
+    so the hardset_families slice of the fail@32 set studied in benchmarks/README.md section 8
+    is what every problem of it is."""
+    problems = load_hardset("bundled-edge", split=None)
+    kinds = {(p.source, p.meta["difficulty"]) for p in problems}
+    assert kinds == {(f"generator:{family}", d) for family in ("addition", "subtraction", "multiplication")
+                     for d in (2, 3)}
 
 
 # -- where it runs: device, dtype, sampler ----------------------------------------------------------

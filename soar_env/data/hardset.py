@@ -52,9 +52,11 @@ if TYPE_CHECKING:
 
 BUNDLED_HARDSET = "hardset_smollm2.jsonl"
 """File name of the default hard set shipped in ``soar_env/data/bundled``."""
-BUNDLED_HARDSETS = {"bundled": BUNDLED_HARDSET, "bundled-fail32": "hardset_smollm2_fail32.jsonl"}
+BUNDLED_HARDSETS = {"bundled": BUNDLED_HARDSET, "bundled-fail32": "hardset_smollm2_fail32.jsonl",
+                    "bundled-edge": "hardset_smollm2_edge.jsonl"}
 """Hard sets shipped in ``soar_env/data/bundled``, by the name ``EnvConfig.hardset`` takes: the
-default (fail@16, 39 + 39 problems) and the larger, stricter fail@32 set (its README section)."""
+default (fail@16, 39 + 39 problems), the larger, stricter fail@32 set over all ten families, and
+the fail@32 set of the families at the student's edge (the cpu preset's; see that folder's README)."""
 
 HARD_TRAIN_FRACTION = 0.5
 """Share of a pool without a split column that goes to train (the paper's random 50/50 split)."""
