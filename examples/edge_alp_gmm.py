@@ -8,13 +8,15 @@ generators, the same knowledge is the box it searches, so its tasks are mixtures
 families at every difficulty rather than of all ten.
 """
 
+from typing import Any
+
 from agents import ALPGMMTeacher
 
 EDGE_FAMILIES = ("addition", "subtraction", "multiplication")
 
 
 class EdgeALPGMM(ALPGMMTeacher):
-    """`agents.ALPGMMTeacher` with ``families`` fixed to the cpu preset's topics."""
+    """`agents.ALPGMMTeacher` with ``families`` fixed to the cpu preset's topics; other options pass through."""
 
-    def __init__(self, seed: int = 0) -> None:
-        super().__init__(families=EDGE_FAMILIES, seed=seed)
+    def __init__(self, seed: int = 0, **options: Any) -> None:
+        super().__init__(families=EDGE_FAMILIES, seed=seed, **options)

@@ -229,7 +229,7 @@ class Student:
         """Grades of replies (and whether each ended by itself) under this student's grading settings:
         the one place training rewards, evaluations and batched runs are graded."""
         config = self.config
-        return grade_many(list(texts), list(golds), require_box=config.require_box, timeout=config.grade_timeout,
+        return grade_many(texts, golds, require_box=config.require_box, timeout=config.grade_timeout,
                           processes=config.grade_processes, finished=None if config.grade_unfinished else stopped,
                           accept_unevaluated=config.accept_unevaluated)
 

@@ -238,19 +238,17 @@ def test_soar_train_runs_and_resumes_the_alp_gmm_teacher(tmp_path, capsys):
     assert state["tasks"].shape == (6, len(FAMILIES) + 1)  # the resumed run kept the history of steps 1-2
 
 
-def test_the_edge_example_teaches_only_the_cpu_presets_families():
+def test_the_edge_example_teaches_only_the_cpu_presets_families(monkeypatch):
     """examples/edge_alp_gmm.py: the ALP-GMM box spans the families of the cpu preset's hard set
     (bundled-edge), so every proposed problem is one of them, before and after the mixture fits."""
-    import sys
     from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1]))  # examples/ sits at the repository root
     from examples.edge_alp_gmm import EDGE_FAMILIES, EdgeALPGMM
     from soar_env.config import make_config
     from soar_env.data.hardset import hard_splits
 
-    teacher = EdgeALPGMM(seed=0)
-    teacher.fit_every = 4
+    teacher = EdgeALPGMM(seed=0, fit_every=4)
     seen = drive(teacher, 6)
     assert teacher.num_fits >= 2
     sources = {p.source for p in hard_splits(make_config("cpu"))[0]}

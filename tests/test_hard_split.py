@@ -122,15 +122,16 @@ def test_hard_only_says_so_when_q_r_is_the_whole_pool():
 def test_hardset_families_keeps_one_edge_in_both_splits(tmp_path):
     """hardset_families filters train (Q_R's pool) and test alike, by generator family and
     difficulty; no "@" keeps every difficulty; a hard set without families is refused clearly."""
-    config = make_config("cpu", hardset="bundled-fail32", hardset_families="addition,subtraction,multiplication@2-3")
+    fail32 = make_config("cpu", hardset="bundled-fail32")
+    config = make_config(fail32, hardset_families="addition,subtraction,multiplication@2-3")
     train, test = hard_splits(config)
-    full_train, full_test = hard_splits(make_config("cpu", hardset="bundled-fail32"))
+    full_train, full_test = hard_splits(fail32)
     for kept, full in ((train, full_train), (test, full_test)):
         expected = [p.id for p in full if p.meta["family"] in ("addition", "subtraction", "multiplication")
                     and p.meta["difficulty"] in (2, 3)]
         assert [p.id for p in kept] == expected and expected
     assert len(train) == 37 and load_hard_pool(config) == train
-    every_level = hard_splits(make_config("cpu", hardset="bundled-fail32", hardset_families="addition"))[0]
+    every_level = hard_splits(make_config(fail32, hardset_families="addition"))[0]
     assert {p.meta["difficulty"] for p in every_level} == {2, 3, 4}
     with pytest.raises(ValueError, match="unknown generator family"):
         hard_splits(make_config("cpu", hardset_families="algebra@2"))

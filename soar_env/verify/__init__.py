@@ -74,8 +74,8 @@ def _check_timeout(timeout: float) -> float:
 
 
 def grade_many(
-    responses: list[str],
-    golds: list[str],
+    responses: Sequence[str | None],
+    golds: Sequence[str],
     *,
     require_box: bool = True,
     timeout: float = 5.0,
