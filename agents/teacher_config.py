@@ -12,6 +12,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from soar_env.data.generators import checked_families
 from soar_env.options import check_minimum
 from soar_env.options import replace_checked
 from soar_env.prompts import MATH_TOPICS
@@ -26,8 +27,14 @@ so tests and the tiny preset see valid teacher outputs (a random model writes no
 ARITHMETIC_TOPICS = ("arithmetic with whole numbers and fractions, order of operations, remainders, greatest "
                      "common divisors and least common multiples, roots of polynomials, linear equations and "
                      "short word problems")
-"""Topics of the procedural families behind the small presets' hard sets (the bundled set spans
-all ten); the teacher never sees the problems themselves."""
+"""Topics of all ten procedural families (the bundled fail@16 set spans them); the teacher never
+sees the problems themselves."""
+
+EDGE_TOPICS = "addition, subtraction and multiplication of whole numbers"
+"""Topics of the cpu preset's hard set (``bundled-edge``: the addition, subtraction and
+multiplication families)."""
+
+FAMILY_CHOICES = ("target", "all")
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -92,6 +99,10 @@ class TeacherConfig:
     which Math-Verify reads as a product of symbols that no student can match."""
     topics: str = MATH_TOPICS
     """Topics the fixed teacher prompt names (those of the target benchmark; no seed problems)."""
+    families: str = "target"
+    """Generator families the curriculum teachers (random, sb3, alp-gmm) draw from: "target" is
+    those of the env's hard set (all ten when it is not generated), as the teacher prompt names the
+    target's topics; "all"; or comma-separated family names."""
     max_attempts: float = 4.0
     """Rejection-sampling budget: raw outputs per needed problem, at most ceil(max_attempts·g·n)
     samples per step (paper: resample until g·n are valid, no bound). When it runs out the datasets
@@ -128,6 +139,12 @@ class TeacherConfig:
             raise ValueError(f"teacher dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
         if not isinstance(self.topics, str) or not self.topics.strip():
             raise ValueError("teacher topics must be a non-empty string")
+        if self.families not in FAMILY_CHOICES:
+            checked_families(self.family_names())
+
+    def family_names(self) -> list[str]:
+        """``families`` as a list of names (for a setting other than "target" or "all")."""
+        return [name.strip() for name in str(self.families).split(",") if name.strip()]
 
     def _check_positive(self, *names: str) -> None:
         for name in names:
@@ -151,9 +168,10 @@ TEACHER_PRESETS: dict[str, TeacherConfig] = {
     # every output of 3 steps, so it stays off. Constrained decoding of the answer (and the
     # question's tags) took acceptance from 17% to 80% and usable (accepted and well-posed)
     # problems per draft from 0.06 to 0.17 (benchmarks/teacher_outputs.py, 64 drafts a side).
-    # The LoRA lr is the one that moved the student here (DESIGN.md), halved.
+    # The LoRA lr is the one that moved the student here (DESIGN.md), halved. The prompt names the
+    # topics of the preset's hard set (bundled-edge), as the paper's names its target's.
     "cpu": TeacherConfig(lr=1e-4, warmup_steps=2, max_new_tokens=64, answer_max_new_tokens=12, prefill="answer",
-                         question_ends_at_newline=True, constrain_answer=True, topics=ARITHMETIC_TOPICS,
+                         question_ends_at_newline=True, constrain_answer=True, topics=EDGE_TOPICS,
                          max_attempts=4.0),
     # The paper: lr 1e-5, KL 0.001, warm-up 20, temperature 1.0, 512 new tokens, free-form reply.
     "paper": TeacherConfig(),

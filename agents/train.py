@@ -43,7 +43,7 @@ from agents.teacher_config import TeacherConfig, make_teacher_config
 from soar_env.options import check_minimum
 from soar_env.atomic import atomic_write_text
 from soar_env.config import PRESETS, EnvConfig, make_config
-from soar_env.data.hardset import hard_splits, load_hard_pool
+from soar_env.data.hardset import hard_splits, load_hard_pool, target_families
 from soar_env.estimators import sampling_for
 from soar_env.options import add_dataclass_arguments
 from soar_env.problems import Problem
@@ -140,9 +140,10 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     was given overrides it (and ``--resume`` can tell given options from defaults).
     """
     add_dataclass_arguments(parser.add_argument_group("run"), TrainConfig, absent_unless_given=True)
-    add_dataclass_arguments(parser.add_argument_group("teacher (LLM teachers: rloo, base, intrinsic)"), TeacherConfig,
-                            prefix="teacher-", dest_prefix="teacher__", absent_unless_given=True,
-                            default_note=_paper_note)
+    teacher_group = parser.add_argument_group("teacher (LLM teachers: rloo, base, intrinsic; seed and families: "
+                                              "every teacher)")
+    add_dataclass_arguments(teacher_group, TeacherConfig, prefix="teacher-", dest_prefix="teacher__",
+                            absent_unless_given=True, default_note=_paper_note)
     add_dataclass_arguments(parser.add_argument_group("environment (any EnvConfig field; see soar_env.config)"),
                             EnvConfig, dest_prefix="env__", absent_unless_given=True, default_note=_paper_note)
 
@@ -236,7 +237,8 @@ def plan_run(train_options: dict[str, Any], teacher_overrides: dict[str, Any],
         env = make_config(EnvConfig(**saved["env"]))  # greedy_eval of older runs is read here
         current = make_teacher_config(train.preset, **{k: v for k, v in teacher_overrides.items()
                                                         if k in TEACHER_RESUMABLE})
-        teacher_config = TeacherConfig(**{**saved["teacher_config"],
+        # Runs saved before the families setting drew from all ten families.
+        teacher_config = TeacherConfig(**{"families": "all", **saved["teacher_config"],
                                           **{k: getattr(current, k) for k in TEACHER_RESUMABLE}})
         teacher_class = resolve_teacher_class(train.teacher)
         done = checkpoint_step(checkpoint_dirs(run_dir)[-1])
@@ -303,18 +305,30 @@ def _check_hardset(env: EnvConfig) -> None:
 
 
 def build_teacher(plan: RunPlan) -> Any:
-    """An instance of the planned teacher; a user class gets the keyword arguments it declares."""
+    """An instance of the planned teacher; any class (built-in or a user's) gets those of ``seed``,
+    ``config`` (the TeacherConfig), ``env_config`` and ``families`` (see `generator_families`) that
+    it declares."""
     cls = plan.teacher_class
     seed = plan.teacher_config.seed if plan.teacher_config.seed is not None else (plan.env.seed or 0)
     if isinstance(cls, type) and issubclass(cls, RLOOTeacher):
         return cls(dataclasses.replace(plan.teacher_config, seed=seed))
-    available = {"seed": seed, "config": plan.teacher_config, "env_config": plan.env}
+    available = {"seed": seed, "config": plan.teacher_config, "env_config": plan.env,
+                 "families": generator_families(plan.teacher_config, plan.env)}
     try:
         parameters = inspect.signature(cls).parameters
     except (TypeError, ValueError):
         parameters = {}
     kwargs = {k: v for k, v in available.items() if k in parameters}
     return cls(**kwargs)
+
+
+def generator_families(config: TeacherConfig, env: EnvConfig) -> tuple[str, ...] | None:
+    """The families a curriculum teacher draws from under ``config.families``; None means all ten."""
+    if config.families == "all":
+        return None
+    if config.families == "target":
+        return target_families(env)
+    return tuple(config.family_names())
 
 
 def _eval_sets(plan: RunPlan) -> dict[str, list[Problem]]:

@@ -20,7 +20,7 @@ import gymnasium as gym
 
 import soar_env  # noqa: F401  (registers the env ids)
 from agents import Logger, checkpoint_dirs, checkpoint_step, env_core, read_pq
-from agents.train import DEFAULT_STEPS, build_teacher, plan_run, write_run_config
+from agents.train import DEFAULT_STEPS, RunPlan, build_teacher, plan_run, write_run_config
 from benchmarks import evaluation  # PQ / PS protocols, named through the module so that tests can replace them
 from benchmarks.bench_config import META_TRAINED, ROW_NAMES, TEACHER_OF, BenchConfig
 from soar_env.atomic import atomic_write_text
@@ -33,18 +33,27 @@ from soar_env.data.hardset import hard_splits
 # ---------------------------------------------------------------------------------------------
 
 
-def _teacher_run(bench: BenchConfig, method: str, seed: int, out: Path) -> dict[str, Any]:
-    """Build (and meta-train, for learned teachers) one teacher; its PQ, promoted states, samples, compute."""
+def teacher_plan(bench: BenchConfig, method: str, seed: int, out: Path) -> RunPlan:
+    """The ``soar train`` run of ``method``'s teacher: the study's env (env_set, seed) and the preset's teacher.
+
+    A job killed during or after meta-training (a session that ended) continues from its last
+    checkpoint; plan_run checks that the folder's run was started with these settings.
+    """
     run_dir = out / f"{method}-seed{seed}"
     steps = bench.teacher_steps or DEFAULT_STEPS.get(bench.preset, 10)
     options = {"teacher": TEACHER_OF[method], "preset": bench.preset, "steps": steps, "run_dir": str(run_dir),
                "progress": False, "threads": bench.threads}
-    # A job killed during or after meta-training (a session that ended) continues from its last
-    # checkpoint; plan_run checks that the folder's run was started with these settings.
-    found = checkpoint_dirs(run_dir) if method in META_TRAINED else []
+    if method in META_TRAINED and checkpoint_dirs(run_dir):
+        options["resume"] = str(run_dir)
+    return plan_run(options, {}, {**bench.env_overrides(), "seed": seed}, allow_finished=True)
+
+
+def _teacher_run(bench: BenchConfig, method: str, seed: int, out: Path) -> dict[str, Any]:
+    """Build (and meta-train, for learned teachers) one teacher; its PQ, promoted states, samples, compute."""
+    plan = teacher_plan(bench, method, seed, out)
+    run_dir, steps = plan.run_dir, plan.train.total_steps
+    found = checkpoint_dirs(run_dir) if plan.resuming else []
     resumed_at = checkpoint_step(found[-1]) if found else 0
-    plan = plan_run({**options, "resume": str(run_dir)} if found else options, bench.env_overrides(), {"seed": seed},
-                    allow_finished=True)
     if not found:
         write_run_config(plan)
     envs = gym.make_vec("SOAR-MATH-v0", num_envs=plan.env.num_datasets, config=plan.env)

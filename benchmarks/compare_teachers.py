@@ -26,6 +26,9 @@ For each seed and method:
 7. ``alp-gmm``: the ALP-GMM curriculum teacher over the generator space (absolute learning
    progress on the grounded reward), meta-trained, then like SOAR PQ.
 
+Random, SB3 and ALP-GMM draw from the generator families of the hard set (the preset teacher's
+``families="target"``), as the LLM teachers' prompt names the target's topics.
+
 Every method is tested on the same hard-test problems with ``samples`` sampled solutions each, and
 seed s seeds every method's fresh student and its test samples, so the report also gives each method
 minus Hard-Only and minus Base on matched (seed, problem) pairs, with paired bootstrap CIs.

@@ -142,3 +142,16 @@ def test_env_set_overrides_every_job_env_and_is_checked_by_name():
     assert job_settings(BenchConfig(preset="tiny"), "hard-only")["env"]["inner_steps"] == 1  # the preset's
     with pytest.raises(ValueError, match="inner_steps"):
         BenchConfig(preset="tiny", env_set="inner_step=3")
+
+
+def test_env_set_and_the_seed_reach_the_teachers_env_and_not_its_settings(tmp_path):
+    """A learned teacher is meta-trained in the study's env (env_set, the job's seed), with the
+    preset's teacher settings."""
+    from agents.teacher_config import make_teacher_config
+    from benchmarks.bench_jobs import teacher_plan
+
+    bench = BenchConfig(preset="tiny", env_set="inner_steps=3,learning_rate=0.01", teacher_steps=2)
+    plan = teacher_plan(bench, "alp-gmm", 2, tmp_path)
+    assert (plan.env.inner_steps, plan.env.learning_rate, plan.env.seed) == (3, 0.01, 2)
+    assert plan.teacher_config == make_teacher_config("tiny") and plan.train.total_steps == 2
+    assert plan.run_dir == tmp_path / "alp-gmm-seed2" and not plan.resuming

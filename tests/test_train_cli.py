@@ -73,6 +73,7 @@ BAD = [
     (["--teacher-prefill", "sideways"], "prefill must be one of"),
     (["--teacher-lr", "-1"], "lr must be > 0"),
     (["--teacher-max-attempts", "0.5"], "max_attempts must be >= 1"),
+    (["--teacher-families", "addition,calculus"], "unknown families ['calculus']"),
     (["--hardset", "/no/such/hard.jsonl"], "no file at"),
     (["--student-model", "./no/such/model"], "does not exist"),
     (["--teacher", "intrinsic", "--reward-mode", "grounded"], "learnability"),
@@ -180,3 +181,49 @@ def test_the_progress_bar_moves_inside_a_step(tmp_path, capsys, batched):
     else:
         assert "runs 1/4, inner step 1/2" in err and "runs 4/4, inner step 2/2" in err
     assert "8/8" in err and "run ETA" in err and "step ETA" in err
+
+
+@pytest.mark.parametrize("teacher", ["random", "alp-gmm"])
+def test_curriculum_teachers_draw_from_the_families_of_the_hard_set(teacher, tmp_path):
+    """families="target" (the default): the cpu preset's hard set (bundled-edge) holds addition,
+    subtraction and multiplication only, so those are the teacher's box, as its LLM teacher's prompt
+    names those topics; "all" and a list of names override it."""
+    from agents.train import build_teacher
+    from soar_env.data.generators import FAMILIES
+
+    def built(teacher_overrides, env_overrides):
+        options = {"teacher": teacher, "preset": "cpu", "steps": 1, "run_dir": str(tmp_path / "run")}
+        return build_teacher(plan_run(options, teacher_overrides, env_overrides))
+
+    edge = ("addition", "subtraction", "multiplication")
+    target = built({}, {})
+    assert target.families == edge
+    assert {p.source for batch in target.propose(4, 8) for p in batch} <= {f"generator:{f}" for f in edge}
+    assert all(name in plan_run({"teacher": teacher, "preset": "cpu"}, {}, {}).teacher_config.topics for name in edge)
+    assert built({}, {"hardset": "bundled"}).families == FAMILIES  # the fail@16 set spans all ten
+    assert built({"families": "all"}, {}).families == FAMILIES
+    assert built({"families": "gcd_lcm, modular"}, {}).families == ("gcd_lcm", "modular")
+
+
+def test_a_set_no_generator_made_leaves_the_curriculum_teachers_all_families(tmp_path):
+    from soar_env.config import make_config
+    from soar_env.data.hardset import target_families
+    from soar_env.data.loaders import save_jsonl
+    from soar_env.problems import Problem
+
+    path = tmp_path / "hard.jsonl"
+    save_jsonl([Problem(question=f"What is {i}!?", answer=str(i), source="math500") for i in range(1, 9)], path)
+    assert target_families(make_config("cpu", hardset=str(path))) is None
+    assert target_families(make_config("cpu")) == ("addition", "subtraction", "multiplication")
+
+
+def test_a_resumed_run_from_before_the_families_setting_keeps_all_ten(tmp_path):
+    run_dir = tmp_path / "run"
+    plan = plan_run({"teacher": "random", "preset": "tiny", "steps": 2, "run_dir": str(run_dir)}, {}, {})
+    saved_teacher = {k: v for k, v in plan.teacher_config.to_dict().items() if k != "families"}
+    saved = {"train": dataclasses.asdict(plan.train), "env": plan.env.to_dict(), "teacher_config": saved_teacher}
+    (run_dir / "checkpoints" / "step_000001").mkdir(parents=True)
+    (run_dir / "checkpoints" / "step_000001" / TRAINER_FILE).write_bytes(b"")
+    (run_dir / RUN_CONFIG).write_text(json.dumps(saved))
+    resumed = plan_run({"teacher": "random", "preset": "tiny", "steps": 2, "resume": str(run_dir)}, {}, {})
+    assert plan.teacher_config.families == "target" and resumed.teacher_config.families == "all"

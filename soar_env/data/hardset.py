@@ -42,6 +42,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from soar_env.config import DTYPES, SAMPLERS, EnvConfig
+from soar_env.data.generators import FAMILIES
 from soar_env.data.loaders import load_jsonl, load_problems, parse_generator_spec, save_jsonl
 from soar_env.problems import Problem
 from soar_env.prompts import student_prompt
@@ -402,6 +403,20 @@ def hard_splits(config: EnvConfig) -> tuple[list[Problem], list[Problem]]:
         return train, test
     keep = family_filter(config.hardset_families)
     return [p for p in train if keep(p)], [p for p in test if keep(p)]
+
+
+def target_families(config: EnvConfig) -> tuple[str, ...] | None:
+    """The generator families of an env's hard set (both splits, in `FAMILIES` order), or None when
+    it holds problems that no generator made (MATH, OlympiadBench, a user's file).
+
+    These are the target's topics for the teachers that search the generator space, as the
+    paper's teacher prompt names the target benchmark's topics; the problems stay unseen.
+    """
+    train, test = hard_splits(config)
+    names = {problem.meta.get("family") for problem in train + test}
+    if None in names:
+        return None
+    return tuple(family for family in FAMILIES if family in names)
 
 
 def family_filter(text: str) -> Callable[[Problem], bool]:
