@@ -20,28 +20,10 @@ from __future__ import annotations
 
 import random
 import time
-from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
 from soar_env.problems import Problem, Rejection
-
-
-@dataclass
-class ChunkResult:
-    """What one chunk of the run did (the fields of `soar_env.student.TrainResult` that run_pq reads)."""
-
-    steps_done: int = 0
-    """RLOO steps of this chunk (skipped zero-advantage updates included)."""
-    tokens: int = 0
-    seconds: float = 0.0
-    error: str | None = None
-    """None on success; why the run stopped otherwise (non-finite loss, no valid problem)."""
-    state: Any = None
-    """The run's weights after the chunk (trainable tensors); None when it failed."""
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None
+from soar_env.student_results import TrainResult
 
 
 class OneRun:
@@ -82,12 +64,11 @@ class OneRun:
         self._order = shuffled_cycle(len(self.problems), self.rng) if self.problems else None
         return len(self.problems)
 
-    def train(self, steps: int) -> ChunkResult:
-        """``steps`` more RLOO steps of the run; the optimizer and the schedule carry on from the last chunk."""
-        from soar_env.rl import NonFiniteLossError
-
-        torch, config = self.torch, self.config
-        result = ChunkResult()
+    def train(self, steps: int) -> TrainResult:
+        """``steps`` more RLOO steps of the run (`Student.rloo_steps`); the optimizer and the schedule
+        carry on from the last chunk, and ``state`` is the run's weights after this chunk."""
+        torch = self.torch
+        result = TrainResult(steps_done=0, num_problems=len(self.problems), skipped=self.skipped)
         start = time.perf_counter()
         if self._order is None:
             result.error = f"no_valid_problems: all {len(self.skipped)} entries were skipped"
@@ -95,21 +76,12 @@ class OneRun:
         device = getattr(self.policy, "device", torch.device("cpu"))
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(self.rng.randrange(2**31))  # adapter dropout, if any
-            for _ in range(steps):
-                batch = [self.problems[next(self._order)] for _ in range(self.batch_size)]
-                rollout = self.student.sample_group(batch, self.group_size, self.rng)
-                rewards = self.student.rewards(rollout, batch)
-                result.tokens += sum(len(c) for c in rollout.completion_ids)
-                try:
-                    self.updater.update(self.policy, rollout, rewards, self.group_size, temperature=config.temperature)
-                except NonFiniteLossError as error:
-                    result.error = f"non_finite_loss at step {self.updater.steps_done}: {error}"
-                    break
-                result.steps_done += 1
+            self.student.rloo_steps(self.updater, self.problems, self._order, steps, self.batch_size,
+                                    self.group_size, self.rng, result)
         if result.error is None:
             result.state = self.policy.state_dict_trainable()
         result.seconds = time.perf_counter() - start
         return result
 
 
-__all__ = ["ChunkResult", "OneRun"]
+__all__ = ["OneRun"]

@@ -277,7 +277,11 @@ class Student:
         try:
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                 torch.manual_seed(seed)
-                self._run(valid, steps, batch_size, group_size, rng, result, on_step)
+                order = shuffled_cycle(len(valid), rng)
+                # A fresh optimizer per run: the paper restarts AdamW and the cosine for every inner run.
+                updater = RLOOUpdater(self.policy.trainable_parameters(), config.rloo_config(),
+                                      total_steps=max(steps, 1))
+                self.rloo_steps(updater, valid, order, steps, batch_size, group_size, rng, result, on_step)
             if result.error is None:
                 result.state = _clone_state(self.policy.state_dict_trainable())
         finally:
@@ -285,9 +289,11 @@ class Student:
         result.seconds = time.perf_counter() - start
         return result
 
-    def _run(
+    def rloo_steps(
         self,
-        problems: list[Problem],
+        updater: RLOOUpdater,
+        problems: Sequence[Problem],
+        order: Iterator[int],
         steps: int,
         batch_size: int,
         group_size: int,
@@ -295,12 +301,15 @@ class Student:
         result: TrainResult,
         on_step: Callable[[int, int], None] | None = None,
     ) -> None:
-        """The RLOO steps of one inner run, recorded into ``result``; stops at a non-finite loss."""
+        """``steps`` RLOO steps of ``updater`` on the policy as it is, recorded into ``result``.
+
+        Each step's batch is the next ``batch_size`` indices of ``order``; a non-finite loss stops
+        the steps with ``result.error`` set. `train` calls it once with a fresh updater per inner
+        run; a fresh PQ student (`benchmarks.fresh_student`) calls it chunk after chunk with one.
+        """
         config = self.config
-        order = shuffled_cycle(len(problems), rng)
-        # A fresh optimizer per run: the paper restarts AdamW and the cosine for every inner run.
-        updater = RLOOUpdater(self.policy.trainable_parameters(), config.rloo_config(), total_steps=max(steps, 1))
-        for step in range(steps):
+        for _ in range(steps):
+            step = updater.steps_done
             batch = [problems[next(order)] for _ in range(batch_size)]
             t0 = time.perf_counter()
             rollout = self.sample_group(batch, group_size, rng)  # prompt-major: batch_size x group_size rows
