@@ -14,7 +14,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, Qwen2Config, Qwen2ForCausa
 from soar_env.models import LMPolicy, LoraSettings, build_tiny_model
 from soar_env.models.decoding import SampleOptions, left_pad
 from soar_env.models.decode_engines import FastDecodeSettings, supports_llama_engine
-from soar_env.models.fast_decode import _inverse_cdf, decode_rows, sample_rollout
+from soar_env.models.fast_decode import _inverse_cdf, decode_rows, row_seed, sample_rollout
 from soar_env.prompts import student_prompt
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -178,7 +178,7 @@ def test_a_rows_tokens_do_not_depend_on_its_batch(tiny) -> None:
     model, tokenizer = tiny
     prompts = prompt_ids(tokenizer)
     full = decode_rows(model, prompts, samples=[4, 4, 4], max_new_tokens=16, seed=3)
-    alone = decode_rows(model, [prompts[1]], row_prompts=[0], row_keys=[(1, 2)], max_new_tokens=16, seed=3)
+    alone = decode_rows(model, [prompts[1]], row_prompts=[0], row_seeds=[row_seed(3, 1, 2)], max_new_tokens=16)
     assert alone[0] == full[4 + 2]
     big = sample_rollout(model, tokenizer, prompts, options(batch_size=64, max_new_tokens=16, seed=3), eos_token_ids=[2])
     small = sample_rollout(model, tokenizer, prompts, options(batch_size=3, max_new_tokens=16, seed=3), eos_token_ids=[2])

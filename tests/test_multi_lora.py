@@ -9,8 +9,7 @@ import pytest
 import torch
 
 from soar_env.models import LMPolicy, LoraSettings, build_tiny_model
-from soar_env.models.fast_decode import row_seed
-from soar_env.models.multi_lora import MultiLora, can_sample_runs, rekeyed_prompt, row_segments, run_logprobs
+from soar_env.models.multi_lora import MultiLora, can_sample_runs, row_segments, run_logprobs
 from soar_env.models.multi_lora import sample_runs
 from soar_env.prompts import student_prompt
 
@@ -45,12 +44,6 @@ def bank_with(policy: LMPolicy, states: list[dict[str, torch.Tensor]]) -> MultiL
 def test_row_segments() -> None:
     assert row_segments([0, 0, 1, 1, 1, 2]) == [(0, 0, 2), (1, 2, 5), (2, 5, 6)]
     assert row_segments([1, 0, 1]) == [(1, 0, 1), (0, 1, 2), (1, 2, 3)]
-
-
-def test_rekeyed_rows_draw_their_own_runs_stream() -> None:
-    for call_seed, run_seed, prompt, sample in [(11, 22, 0, 0), (5, 2**40 + 3, 7, 31), (0, 0, 3, 1)]:
-        key = rekeyed_prompt(call_seed, run_seed, prompt)
-        assert row_seed(call_seed, key, sample) == row_seed(run_seed, prompt, sample)
 
 
 def test_state_names_match_policy_and_peft_comes_back() -> None:

@@ -95,7 +95,7 @@ def sample_rollout(
             model,
             [encoded[i] for i in prompt_ids],
             row_prompts=[slot[i] for i, _ in batch],
-            row_keys=batch,
+            row_seeds=[row_seed(seed, i, j) for i, j in batch],
             max_new_tokens=options.max_new_tokens,
             temperature=options.temperature,
             greedy=options.decodes_greedily,
@@ -119,7 +119,7 @@ def decode_rows(
     *,
     samples: Sequence[int] | None = None,
     row_prompts: Sequence[int] | None = None,
-    row_keys: Sequence[tuple[int, int]] | None = None,
+    row_seeds: Sequence[int] | None = None,
     max_new_tokens: int,
     temperature: float = 1.0,
     greedy: bool = False,
@@ -134,9 +134,10 @@ def decode_rows(
 ) -> list[list[int]]:
     """Generated token ids of every row, in row order; one decode batch.
 
-    Rows are given either as ``samples`` (``samples[k]`` rows of prompt k, prompt-major, keys
-    (k, 0..samples[k]-1)) or as ``row_prompts`` (the prompt of each row) with ``row_keys``
-    ((prompt, sample) pairs naming each row's random stream). A row ends after its first eos
+    Rows are given either as ``samples`` (``samples[k]`` rows of prompt k, prompt-major, row j
+    of prompt k drawing the stream ``row_seed(seed, k, j)``) or as ``row_prompts`` (the prompt of
+    each row) with ``row_seeds`` (the seed of each row's random stream; default
+    ``row_seed(seed, prompt, row)``). A row ends after its first eos
     or after the token that completes a stop string (``stops`` needs ``tokenizer``), that token
     included, or after ``max_new_tokens``. ``seed=None`` draws the call's seed from the global
     torch RNG (the global RNG is otherwise untouched). ``model`` may be a peft model: its
@@ -148,10 +149,15 @@ def decode_rows(
     """
     if samples is not None:
         row_prompts = [k for k, n in enumerate(samples) for _ in range(n)]
-        row_keys = [(k, j) for k, n in enumerate(samples) for j in range(n)]
     if row_prompts is None:
         raise ValueError("give samples or row_prompts")
-    row_keys = list(row_keys) if row_keys is not None else [(k, r) for r, k in enumerate(row_prompts)]
+    if row_seeds is None:
+        seed = call_seed(seed)
+        keys = ([(k, j) for k, n in enumerate(samples) for j in range(n)] if samples is not None
+                else [(k, r) for r, k in enumerate(row_prompts)])
+        row_seeds = [row_seed(seed, k, j) for k, j in keys]
+    if len(row_seeds) != len(row_prompts):
+        raise ValueError(f"{len(row_seeds)} row seeds for {len(row_prompts)} rows")
     if any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     if stops and tokenizer is None:
@@ -159,7 +165,6 @@ def decode_rows(
     if not row_prompts or max_new_tokens <= 0:
         return [[] for _ in row_prompts]
     greedy = greedy or temperature <= 0
-    seed = call_seed(seed)
     engine = make_engine or engine_for(model, settings)
     device = model_device(model)
     # The llama engine folds adapters in itself; through the model's own forward, fold them
@@ -171,7 +176,7 @@ def decode_rows(
     model.eval()
     try:
         with torch.inference_mode(), lora_merged(model) if merge else nullcontext():
-            uniforms = None if greedy else _uniforms(seed, row_keys, max_new_tokens)  # (B, T) float64
+            uniforms = None if greedy else _uniforms(row_seeds, max_new_tokens)  # (B, T) float64
             return _decode_loop(
                 engine(model, settings, max(len(p) for p in prompts) + max_new_tokens, pad_token_id),
                 [list(p) for p in prompts],
@@ -315,11 +320,11 @@ def row_seed(seed: int, prompt: int, sample: int) -> int:
     return _splitmix64(x ^ (sample & 0xFFFFFFFFFFFFFFFF))
 
 
-def _uniforms(seed: int, row_keys: Sequence[tuple[int, int]], steps: int) -> Tensor:
-    """(B, T) float64 uniforms; row b's come from its own generator only."""
-    table = torch.empty(len(row_keys), steps, dtype=torch.float64)
+def _uniforms(row_seeds: Sequence[int], steps: int) -> Tensor:
+    """(B, T) float64 uniforms; row b's come from its own generator, seeded ``row_seeds[b]``."""
+    table = torch.empty(len(row_seeds), steps, dtype=torch.float64)
     generator = torch.Generator()
-    for b, (prompt, sample) in enumerate(row_keys):
-        generator.manual_seed(row_seed(seed, prompt, sample))
+    for b, seed in enumerate(row_seeds):
+        generator.manual_seed(seed)
         table[b] = torch.rand(steps, generator=generator, dtype=torch.float64)
     return table

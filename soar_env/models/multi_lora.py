@@ -42,13 +42,10 @@ from torch import Tensor, nn
 
 from soar_env.models.decode_engines import FastDecodeSettings, LlamaEngine, _Linear, engine_for
 from soar_env.models.decoding import SampleOptions, left_pad, positions, trim_completion
-from soar_env.models.fast_decode import _splitmix64, call_seed, decode_rows, row_seed
+from soar_env.models.fast_decode import call_seed, decode_rows, row_seed
 from soar_env.models.policy import LMPolicy
 from soar_env.models.rollout import Completion, Rollout
 from soar_env.models.scoring import picked_logprobs
-
-MASK64 = 0xFFFFFFFFFFFFFFFF
-
 
 def row_segments(runs: Sequence[int]) -> list[tuple[int, int, int]]:
     """Maximal stretches of equal run index: [(run, start, stop)], in row order."""
@@ -303,15 +300,6 @@ class RunEngine(LlamaEngine):
         self.segments = row_segments(groups.tolist())
 
 
-def rekeyed_prompt(shared_seed: int, run_seed: int, prompt: int) -> int:
-    """The prompt key whose stream in a call seeded ``shared_seed`` is prompt ``prompt``'s in a call seeded ``run_seed``.
-
-    ``row_seed(s, p, j)`` hashes ``splitmix(s) ^ p`` next, so xor-ing the two seeds' hashes into
-    the key moves a row into another call's stream exactly (checked for every row in `sample_runs`).
-    """
-    return (_splitmix64(run_seed & MASK64) ^ _splitmix64(shared_seed & MASK64) ^ (prompt & MASK64)) & MASK64
-
-
 def can_sample_runs(policy: LMPolicy) -> str | None:
     """None when `sample_runs` can decode this policy's runs together, else why not."""
     if policy.lora is None:
@@ -347,7 +335,6 @@ def sample_runs(policy: LMPolicy, bank: MultiLora, prompts: Sequence[Sequence[st
     encoded = [[policy.encode(p) for p in run_prompts] for run_prompts in prompts]
     # A seed of None draws from the global RNG, as a sequential call does.
     run_seeds = [call_seed(s) for s in seeds]
-    shared_seed = run_seeds[0] if run_seeds else 0
     rows = []  # (run, prompt, sample), each run's prompts in order of length as `sample_rollout` takes them
     for k, run_prompts in enumerate(encoded):
         order = sorted(range(len(run_prompts)), key=lambda i, e=run_prompts: len(e[i]))
@@ -359,15 +346,12 @@ def sample_runs(policy: LMPolicy, bank: MultiLora, prompts: Sequence[Sequence[st
         slots = list(dict.fromkeys((k, i) for k, i, _ in batch))  # distinct (run, prompt), run-major
         runs = list(dict.fromkeys(k for k, _ in slots))
         slot = {s: n for n, s in enumerate(slots)}
-        keys = [(rekeyed_prompt(shared_seed, run_seeds[k], i), j) for k, i, j in batch]
-        for (k, i, j), (key, _) in zip(batch, keys):
-            if row_seed(shared_seed, key, j) != row_seed(run_seeds[k], i, j):
-                raise RuntimeError("fast_decode.row_seed changed; multi_lora.rekeyed_prompt must follow it")
+        # Each row draws the stream it draws in its own run's call (`sample_rollout`).
         generated = decode_rows(
             policy.model, [encoded[k][i] for k, i in slots], row_prompts=[slot[(k, i)] for k, i, _ in batch],
-            row_keys=keys, max_new_tokens=max_new_tokens, temperature=temperature, greedy=options.decodes_greedily,
-            eos_token_ids=policy.eos_token_ids, tokenizer=policy.tokenizer, stops=stops, seed=shared_seed,
-            pad_token_id=pad, settings=policy.fast_decode,
+            row_seeds=[row_seed(run_seeds[k], i, j) for k, i, j in batch], max_new_tokens=max_new_tokens,
+            temperature=temperature, greedy=options.decodes_greedily, eos_token_ids=policy.eos_token_ids,
+            tokenizer=policy.tokenizer, stops=stops, pad_token_id=pad, settings=policy.fast_decode,
             make_engine=partial(RunEngine, bank=bank, runs=runs, prompt_groups=[runs.index(k) for k, _ in slots]),
         )
         for (k, i, _), ids in zip(batch, generated):
@@ -376,5 +360,5 @@ def sample_runs(policy: LMPolicy, bank: MultiLora, prompts: Sequence[Sequence[st
     return [Rollout.from_completions(e, p, copies=copies) for e, p in zip(encoded, per_prompt)]
 
 
-__all__ = ["MultiLora", "MultiLoraLinear", "RunEngine", "can_sample_runs", "rekeyed_prompt", "row_segments",
+__all__ = ["MultiLora", "MultiLoraLinear", "RunEngine", "can_sample_runs", "row_segments",
            "run_logprobs", "sample_runs"]

@@ -52,6 +52,7 @@ from peft.tuners.lora.layer import LoraLayer
 from torch import Tensor, nn
 
 from soar_env.models.decoding import SampleOptions, SamplerBase
+from soar_env.models.fast_decode import row_seed
 from soar_env.models.resolve import EMBEDDED_DEFAULT, TINY_NAMES, looks_local
 from soar_env.models.rollout import Completion, Rollout
 
@@ -64,7 +65,6 @@ WORKER_EXTENSION = "soar_env.models.vllm_sampler.WorkerExtension"
 LORA_SYNC_MODES = ("adapter", "merged")
 VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
 """The values vLLM accepts for ``max_lora_rank`` (every version since 0.6)."""
-_MASK64 = (1 << 64) - 1
 
 
 @dataclass
@@ -135,16 +135,7 @@ def request_seed(seed: int, prompt: int, sample: int) -> int:
     and independent of how many prompts or samples the call has, so neighbouring calls
     (seeds s and s + 1) share no row seeds.
     """
-    state = _splitmix64(seed & _MASK64)
-    state = _splitmix64(state ^ prompt)
-    return _splitmix64(state ^ sample) >> 1
-
-
-def _splitmix64(x: int) -> int:
-    x = (x + 0x9E3779B97F4A7C15) & _MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return x ^ (x >> 31)
+    return row_seed(seed, prompt, sample) >> 1
 
 
 def sampling_kwargs(
