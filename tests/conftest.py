@@ -64,13 +64,11 @@ def lora_policy():
     """A tiny LoRA policy whose adapters are far from zero, so sampling or scoring with and without
     them differs (a fresh one per module: tests may sample with it but not train it)."""
     from soar_env.models import LMPolicy, LoraSettings, build_tiny_model
+    from soar_env.models.tiny import perturbed_state
 
     model, tokenizer = build_tiny_model(seed=1)
     policy = LMPolicy(model, tokenizer, lora=LoraSettings(r=4, alpha=8))
-    generator = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for p in policy.trainable_parameters():
-            p.add_(torch.randn(p.shape, generator=generator) * 0.3)
+    policy.load_state_dict_trainable(perturbed_state(policy, 0.3, seed=3))
     return policy
 
 

@@ -15,6 +15,7 @@ import soar_env.student as student_module
 from soar_env.batched_runs import BatchedLocalRunner, batch_unsupported, train_runs
 from soar_env.envs.testing import ScriptedStudent
 from soar_env.models import LMPolicy, LoraSettings, build_tiny_model
+from soar_env.models.tiny import perturbed_state
 from soar_env.problems import Problem
 from soar_env.runs import LocalRunner, RunSpec
 from soar_env.student import Student, StudentConfig
@@ -51,9 +52,7 @@ def make_student(**overrides) -> Student:
     model, tokenizer = build_tiny_model(seed=0)
     policy = LMPolicy(model, tokenizer, lora=LoraSettings(r=4, alpha=8))
     # A baseline with non-zero B (peft starts B at 0, which would give A no gradient at step 0).
-    generator = torch.Generator().manual_seed(5)
-    policy.load_state_dict_trainable({k: v + 0.05 * torch.randn(v.shape, generator=generator)
-                                      for k, v in policy.state_dict_trainable().items()})
+    policy.load_state_dict_trainable(perturbed_state(policy, 0.05, seed=5))
     settings = dict(steps=2, batch_size=2, group_size=4, max_new_tokens=8, eval_max_new_tokens=6, require_box=False,
                     lr=1e-2, kl_coef=0.01, sample_batch_size=8)
     settings.update(overrides)

@@ -11,6 +11,7 @@ import torch
 
 from soar_env.config import make_config
 from soar_env.models import LMPolicy, LoraSettings, build_tiny_model
+from soar_env.models.tiny import perturbed_state
 from soar_env.problems import Problem
 from soar_env.prompts import student_prompt
 from soar_env.student import Student, StudentConfig, build_student
@@ -27,9 +28,7 @@ def tiny_policy(lora: bool) -> LMPolicy:
 
 def perturbed(policy: LMPolicy, seed: int) -> dict[str, torch.Tensor]:
     """A trainable state far from the policy's current one (every tensor moved, LoRA B included)."""
-    generator = torch.Generator().manual_seed(seed)
-    return {name: tensor + torch.randn(tensor.shape, generator=generator) * 0.3
-            for name, tensor in policy.state_dict_trainable().items()}
+    return perturbed_state(policy, 0.3, seed)
 
 
 def logprobs_of(policy: LMPolicy, rollout, state=None, reference=False) -> torch.Tensor:

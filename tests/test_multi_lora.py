@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from soar_env.models import LMPolicy, LoraSettings, build_tiny_model
+from soar_env.models.tiny import perturbed_state
 from soar_env.models.multi_lora import MultiLora, can_sample_runs, row_segments, run_logprobs
 from soar_env.models.multi_lora import sample_runs
 from soar_env.prompts import student_prompt
@@ -26,12 +27,7 @@ def make_policy(**kwargs) -> LMPolicy:
 
 def run_states(policy: LMPolicy, runs: int = RUNS, spread: float = 0.1) -> list[dict[str, torch.Tensor]]:
     """Distinct adapters per run (peft's B starts at zero, which would hide A's gradient)."""
-    states = []
-    for run in range(runs):
-        generator = torch.Generator().manual_seed(100 + run)
-        states.append({k: v + spread * torch.randn(v.shape, generator=generator)
-                       for k, v in policy.state_dict_trainable().items()})
-    return states
+    return [perturbed_state(policy, spread, seed=100 + run) for run in range(runs)]
 
 
 def bank_with(policy: LMPolicy, states: list[dict[str, torch.Tensor]]) -> MultiLora:

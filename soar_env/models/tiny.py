@@ -13,6 +13,8 @@ is that every code path (sampling, log-probs, LoRA, saving) runs exactly as for 
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -127,3 +129,15 @@ def build_tiny_model(
     )
     model.eval()
     return model, tokenizer
+
+
+def perturbed_state(policy: Any, scale: float, seed: int) -> dict[str, torch.Tensor]:
+    """``policy``'s trainable state plus ``scale`` x N(0, 1) noise from a generator seeded ``seed``.
+
+    For tests: peft starts every LoRA B at zero, so adapters add nothing and A gets no gradient
+    until B moves; a perturbed state makes runs, adapters and references tell apart.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    return {name: tensor + scale * torch.randn(tensor.shape, generator=generator)
+            for name, tensor in policy.state_dict_trainable().items()}
+
