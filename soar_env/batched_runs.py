@@ -109,6 +109,11 @@ class BatchedRLOO:
         first = [owner.index(j) for j in range(len(live))]  # first row of each live run
         step = self.rows_per_pass or len(row_runs)
         scoring = {} if temperature == 1.0 else {"temperature": temperature}
+        # A run still holding the policy's adapters, which are its KL reference (every run's first
+        # update), scores what the reference pass would: its own log-probs serve, as in RLOOUpdater.
+        at_reference: set[int] = set()
+        if config.kl_coef > 0 and bool(getattr(policy, "reference_is_current", lambda: False)()):
+            at_reference = {j for j, (_, k, *_) in enumerate(live) if self.bank.holds_policy_adapters(k)}
         for updater in self.updaters:
             updater.optimizer.zero_grad(set_to_none=True)
         sums = [dict(loss=0.0, pg_loss=0.0, kl=0.0, advantage=0.0) for _ in live]
@@ -116,13 +121,16 @@ class BatchedRLOO:
         for lo in range(0, len(row_runs), step):
             hi = min(lo + step, len(row_runs))
             ref_logprobs = None
-            if config.kl_coef > 0:
+            reuse = set(owner[lo:hi]) <= at_reference
+            if config.kl_coef > 0 and not reuse:
                 with torch.no_grad():
                     ref_logprobs, _ = policy.token_logprobs(prompt_ids[lo:hi], completion_ids[lo:hi],
                                                             reference=True, **scoring)
             with self.bank.attached():
                 logprobs, mask = run_logprobs(policy, self.bank, prompt_ids[lo:hi], completion_ids[lo:hi],
                                               row_runs[lo:hi], temperature=temperature)  # (b, T)
+                if config.kl_coef > 0 and reuse:
+                    ref_logprobs = logprobs.detach()
                 total = None
                 for j in sorted(set(owner[lo:hi])):
                     a, b = max(first[j], lo) - lo, min(first[j] + len(live[j][2]), hi) - lo  # run j's rows here

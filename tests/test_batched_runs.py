@@ -99,6 +99,24 @@ def test_batched_training_equals_sequential_runs(rows_per_pass: int | None) -> N
     assert not torch.equal(next(iter(together[0].state.values())), next(iter(together[1].state.values())))
 
 
+def test_the_first_update_reuses_its_log_probs_as_the_kl_reference(monkeypatch) -> None:
+    """Every run starts from the baseline, its KL reference, so the first batched update skips the
+    reference pass (as RLOOUpdater does); later ones run it."""
+    student = make_student()
+    reference_passes = [0]
+    original = student.policy.token_logprobs
+
+    def counted(*args, **kwargs):
+        reference_passes[0] += bool(kwargs.get("reference"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(student.policy, "token_logprobs", counted)
+    after_step: list[int] = []
+    train_runs(student, specs_for(), rows_per_pass=5, on_step=lambda runs, done: after_step.append(reference_passes[0]))
+    assert student.config.kl_coef > 0 and len(after_step) == 2
+    assert after_step[0] == 0 and after_step[1] > 0  # step 1 reused its log-probs; step 2 scored the reference
+
+
 def test_a_run_with_all_zero_advantages_skips_alone(monkeypatch) -> None:
     student = make_student()
     baseline = student.baseline_state()

@@ -159,6 +159,11 @@ class MultiLora:
         """The multi-adapter layer standing for one of the policy's peft layers (None: not adapted)."""
         return self._by_module.get(id(module))
 
+    def holds_policy_adapters(self, run: int) -> bool:
+        """Whether run ``run``'s adapters equal the policy's own (peft's), bit for bit; call detached."""
+        own = dict(self.policy.model.named_parameters())
+        return all(torch.equal(own[key], p) for key, p in zip(self._names, self.parameters_of(run)))
+
     def parameters_of(self, run: int) -> list[nn.Parameter]:
         """Run ``run``'s adapter tensors, in ``state_of`` order: what its optimizer updates."""
         return [getattr(self.layers[name], f"lora_{ab}")[run] for name, ab in self._names.values()]
