@@ -15,7 +15,7 @@ from typing import Any
 from soar_env.data.generators import checked_families
 from soar_env.options import check_minimum
 from soar_env.options import replace_checked
-from soar_env.prompts import MATH_TOPICS
+from soar_env.prompts import MATH_TOPICS, QUESTION_FORMS
 
 PREFILL_MODES = ("none", "question", "answer")
 """How much of the teacher's reply is forced (see `agents.teacher_sampling`)."""
@@ -94,6 +94,10 @@ class TeacherConfig:
     \\sqrt{n}, \\pi multiple or a^b (optionally negative), closed by } and the end tag; the
     question only from tokens that open no other tag, write no control character and do not
     end it empty. The update scores those tokens under the same masks, so it stays on-policy."""
+    question_form: str | None = None
+    """Constrained decoding of the question too, to a form of `soar_env.prompts.QUESTION_FORMS`
+    ("arithmetic": "What is A + B?" with +, - or x, the cpu hard set's form); a deviation that
+    gives the teacher the target's question form, not its problems. Needs constrain_answer."""
     require_numeric_answer: bool = False
     """Also reject answers without a digit: small models copy the prompt's "\\boxed{final answer}",
     which Math-Verify reads as a product of symbols that no student can match."""
@@ -137,6 +141,12 @@ class TeacherConfig:
                              f"got {self.max_attempts!r}")
         if self.dtype is not None and self.dtype not in DTYPES:
             raise ValueError(f"teacher dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.question_form is not None and self.question_form not in QUESTION_FORMS:
+            raise ValueError(f"teacher question_form must be one of {sorted(QUESTION_FORMS)} or None, "
+                             f"got {self.question_form!r}")
+        if self.question_form is not None and not self.constrain_answer:
+            raise ValueError("teacher question_form constrains the question as constrain_answer constrains the "
+                             "answer; turn constrain_answer on (--teacher-constrain-answer) to use it")
         if not isinstance(self.topics, str) or not self.topics.strip():
             raise ValueError("teacher topics must be a non-empty string")
         if self.families not in FAMILY_CHOICES:

@@ -12,9 +12,9 @@ Forced tokens are prompt, not sample: only sampled tokens get gradients, so the 
 on-policy policy gradient for the distribution the teacher actually samples from.
 
 With ``constrain_answer`` both stages sample through token filters
-(`soar_env.models.constrained`): the question may open no other tag, the answer must be one of
-the benchmark's answer forms. Each draft keeps the filter of each stage, so the update scores
-its tokens under the masks they were drawn with.
+(`soar_env.models.constrained`): the question may open no other tag (with ``question_form``, it
+must have that form), the answer must be one of the benchmark's answer forms. Each draft keeps
+the filter of each stage, so the update scores its tokens under the masks they were drawn with.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import numpy as np
 
 from agents.teacher_config import TeacherConfig
 from soar_env.problems import Problem, Rejection, parse_teacher_output
-from soar_env.prompts import TEACHER_REPLY_PREFIX, teacher_prompt
+from soar_env.prompts import QUESTION_FORMS, TEACHER_REPLY_PREFIX, teacher_prompt
 from soar_env.verify.extract import text_before_closing_brace
 
 ANSWER_PREFIX = "</question>\n<answer>\\boxed{"
@@ -97,11 +97,16 @@ class TeacherSampler:
         self.answer_filter: Any = None
         if config.constrain_answer:
             # Built now: a tokenizer without a vocabulary fails at setup, not at the first step.
-            from soar_env.models.constrained import AnswerGrammar, QuestionGrammar, TokenFilter, Vocabulary
+            from soar_env.models.constrained import (AnswerGrammar, QuestionGrammar, TokenFilter, Vocabulary,
+                                                     question_form_grammar)
 
             vocabulary = Vocabulary.from_tokenizer(policy.tokenizer)
             eos = policy.eos_token_ids
-            question = QuestionGrammar(newline_ends=config.question_ends_at_newline)
+            if config.question_form is not None:
+                question = question_form_grammar(*QUESTION_FORMS[config.question_form],
+                                                 newline_ends=config.question_ends_at_newline)
+            else:
+                question = QuestionGrammar(newline_ends=config.question_ends_at_newline)
             self.question_filter = TokenFilter(vocabulary, question, eos_token_ids=eos)
             self.answer_filter = TokenFilter(vocabulary, AnswerGrammar(), eos_token_ids=eos)
 

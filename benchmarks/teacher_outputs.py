@@ -1,10 +1,12 @@
 """How usable the LLM teacher's problems are, sampled freely and with constrained decoding.
 
     OMP_NUM_THREADS=1 python -m benchmarks.teacher_outputs [--drafts 64 --per-call 16 --json out.json]
+    OMP_NUM_THREADS=1 python -m benchmarks.teacher_outputs --question-form arithmetic   # and a third side
 
 The untrained teacher of a preset (default ``cpu``: the embedded SmolLM2-135M, prefill
 "answer") samples the same number of drafts twice with the same seeds: once as the preset is
-(``constrain_answer`` False unless the preset sets it) and once with it on (and off). For each
+(``constrain_answer`` False unless the preset sets it) and once with it on (and off); with
+``--question-form``, a third time with the question constrained to that form too. For each
 side: the share of drafts `parse_teacher_output` accepts and why the others were rejected, and
 over the accepted problems the measures of `benchmarks.analysis` (well-posedness, Vendi
 diversity with the TF-IDF and, when the offline model is there, the embedding kernel,
@@ -37,12 +39,14 @@ from benchmarks.analysis import analyze_questions
 from benchmarks.timing import finish_run, machine_line
 from soar_env.config import make_config
 from soar_env.models import LMPolicy
+from soar_env.prompts import QUESTION_FORMS
 
 
-def sample_side(policy: LMPolicy, preset: str, constrain: bool, drafts: int, per_call: int,
+def sample_side(policy: LMPolicy, preset: str, overrides: dict[str, Any], drafts: int, per_call: int,
                 seed: int) -> tuple[list[Draft], float]:
-    """``drafts`` teacher outputs in calls of ``per_call``, seeds seed, seed+1, ...; and the seconds taken."""
-    sampler = TeacherSampler(policy, make_teacher_config(preset, constrain_answer=constrain))
+    """``drafts`` teacher outputs of the preset with ``overrides``, in calls of ``per_call``, seeds
+    seed, seed+1, ...; and the seconds taken."""
+    sampler = TeacherSampler(policy, make_teacher_config(preset, **overrides))
     out: list[Draft] = []
     start = time.perf_counter()
     call = 0
@@ -107,6 +111,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--per-call", type=int, default=16, help="drafts per sampling call (one seed each)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-embedding", action="store_true", help="skip the embedding Vendi score")
+    parser.add_argument("--question-form", default=None, choices=sorted(QUESTION_FORMS),
+                        help="add a side whose question is constrained to this form too (teacher question_form)")
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args(argv)
     print("command: " + " ".join([os.path.basename(sys.executable), *sys.argv]), flush=True)
@@ -117,22 +123,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     teacher.setup(SimpleNamespace(config=env), 1)
     policy, model = teacher.policy, teacher.model_name
     preset_value = make_teacher_config(args.preset).constrain_answer
+    sides: dict[str, dict[str, Any]] = {
+        f"constrain_answer={c}" + (" (preset)" if c == preset_value else ""): {"constrain_answer": c}
+        for c in (False, True)}
+    if args.question_form:
+        sides[f"question_form={args.question_form}"] = {"constrain_answer": True, "question_form": args.question_form}
     sampled: dict[str, tuple[list[Draft], float]] = {}
-    for constrain in (False, True):
-        name = f"constrain_answer={constrain}" + (" (preset)" if constrain == preset_value else "")
-        sampled[name] = sample_side(policy, args.preset, constrain, args.drafts, args.per_call, args.seed)
+    for name, overrides in sides.items():
+        sampled[name] = sample_side(policy, args.preset, overrides, args.drafts, args.per_call, args.seed)
         print(f"{name}: N={len(sampled[name][0])} in {sampled[name][1]:.1f} s, load {os.getloadavg()[0]:.2f}",
               flush=True)
     equal_n = min(sum(d.ok for d in drafts) for drafts, _ in sampled.values())
-    sides = {name: side_report(drafts, seconds, not args.no_embedding, equal_n, args.seed)
-             for name, (drafts, seconds) in sampled.items()}
+    reports = {name: side_report(drafts, seconds, not args.no_embedding, equal_n, args.seed)
+               for name, (drafts, seconds) in sampled.items()}
     print(f"model {model}, preset {args.preset}, seeds {args.seed}.. (same per side), {args.per_call} drafts a call")
-    print(table(sides))
-    for name, report in sides.items():
+    print(table(reports))
+    for name, report in reports.items():
         print(f"\n{name}: accepted examples")
         for example in report["examples"]:
             print(f"  {example['question']!r} -> {example['answer']!r}")
-    return finish_run({"preset": args.preset, "model": model, "sides": sides}, args.json)
+    return finish_run({"preset": args.preset, "model": model, "sides": reports}, args.json)
 
 
 if __name__ == "__main__":

@@ -15,9 +15,11 @@ from agents.teacher_sampling import TeacherSampler
 from soar_env.config import make_config
 from soar_env.data.hardset import hard_splits
 from soar_env.models import LMPolicy
-from soar_env.models.constrained import AnswerGrammar, Grammar, QuestionGrammar, TokenFilter, Vocabulary
+from soar_env.models.constrained import (AnswerGrammar, Grammar, QuestionGrammar, TokenFilter, Vocabulary,
+                                         question_form_grammar)
 from soar_env.models.decoding import SampleOptions
 from soar_env.models.fast_decode import _inverse_cdf, decode_rows
+from soar_env.prompts import QUESTION_FORMS
 from soar_env.verify import answer_parses
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -353,3 +355,45 @@ def test_row_states_advance_incrementally_as_the_whole_text_would(policy, vocabu
     token_filter = TokenFilter(vocabulary, grammar, eos_token_ids=policy.eos_token_ids)
     for t in range(len(ids) + 1):
         assert token_filter.state(ids[:t]) == grammar.advance(grammar.start, vocabulary.decode(ids[:t])), t
+
+
+# ----------------------------------------------------------------------------------------------
+# the question form
+
+
+def arithmetic_form(newline_ends: bool = True):
+    return question_form_grammar(*QUESTION_FORMS["arithmetic"], newline_ends=newline_ends)
+
+
+def test_every_question_of_the_cpu_hard_set_has_the_arithmetic_form():
+    train, test = hard_splits(make_config("cpu"))
+    grammar = arithmetic_form()
+    assert all(grammar.can_end(state_of(grammar, p.question) or "") for p in train + test)
+
+
+@pytest.mark.parametrize("text, alive, can_end", [
+    ("What is 12 + 7?", True, True), ("What is 12 + 7?\n", True, True), ("What is 3 × 40?</question>", True, True),
+    ("What is 12", True, False), ("What", True, False), ("What is x", False, False), ("The multiverse", False, False),
+    ("What is 012 + 7?", False, False), ("What is 12 + 7? And", False, False), ("What is 12345 + 1?", False, False),
+])
+def test_the_arithmetic_form_keeps_the_question_to_what_is_a_op_b(text, alive, can_end):
+    grammar = arithmetic_form()
+    state = state_of(grammar, text)
+    assert (state is not None) == alive and (alive and grammar.can_end(state)) == can_end
+
+
+def test_question_form_needs_constrained_decoding_and_a_known_name():
+    assert make_teacher_config("paper").question_form is None and make_teacher_config("cpu").question_form is None
+    with pytest.raises(ValueError, match="constrain_answer"):
+        make_teacher_config("cpu", question_form="arithmetic", constrain_answer=False)
+    with pytest.raises(ValueError, match="question_form must be one of"):
+        make_teacher_config("cpu", question_form="geometry")
+
+
+def test_a_teacher_with_the_question_form_writes_only_that_form():
+    teacher = RLOOTeacher(tiny_teacher_config(question_form="arithmetic"))
+    drafts = teacher.sampler.sample(32, seed=0)
+    grammar = arithmetic_form()
+    accepted = [d.result for d in drafts if d.ok]
+    assert accepted and all(grammar.can_end(state_of(grammar, p.question) or "") for p in accepted)
+    assert all(d.filters[0] is teacher.sampler.question_filter for d in drafts)

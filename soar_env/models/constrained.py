@@ -123,15 +123,16 @@ ANSWER_PATTERN = r"-?(?:" + "|".join((_ATOM, _POWER, _FRACTION, _SLASH)) + r")"
 multiples, a^b, each optionally negative (the bundled hard set's answers are integers and a/b)."""
 
 
-class AnswerGrammar(Grammar):
-    """The text after a forced ``\\boxed{``: an answer of :data:`ANSWER_PATTERN`, ``}``, then the end tag or eos.
+class PatternGrammar(Grammar):
+    """Texts that are prefixes of a regular expression's matches; one may end once it matches whole.
 
-    The state is the text itself (short: the answer stage samples a dozen tokens).
+    The state is the text itself, so keep it to short fields (an answer, a one-line question).
+    ``alphabet``: every character a match can hold (None: any), which bounds the candidates.
     """
 
-    def __init__(self, pattern: str = ANSWER_PATTERN, end_tag: str = "</answer>") -> None:
-        self.pattern = regex.compile(f"(?:{pattern})\\}}(?:{regex.escape(end_tag)})?")
-        self.alphabet = frozenset("0123456789-./^{}\\" + "fracsqrtpi" + end_tag)
+    def __init__(self, pattern: str, alphabet: str | None = None) -> None:
+        self.pattern = regex.compile(pattern)
+        self.alphabet = None if alphabet is None else frozenset(alphabet)
 
     @property
     def start(self) -> State:
@@ -142,8 +143,24 @@ class AnswerGrammar(Grammar):
         return text if self.pattern.fullmatch(text, partial=True) is not None else None
 
     def can_end(self, state: State) -> bool:
-        match = self.pattern.fullmatch(str(state))
-        return match is not None
+        return self.pattern.fullmatch(str(state)) is not None
+
+
+class AnswerGrammar(PatternGrammar):
+    """The text after a forced ``\\boxed{``: an answer of :data:`ANSWER_PATTERN`, ``}``, then the end tag or eos."""
+
+    def __init__(self, pattern: str = ANSWER_PATTERN, end_tag: str = "</answer>") -> None:
+        super().__init__(f"(?:{pattern})\\}}(?:{regex.escape(end_tag)})?",
+                         "0123456789-./^{}\\" + "fracsqrtpi" + end_tag)
+
+
+def question_form_grammar(pattern: str, alphabet: str, *, newline_ends: bool = False,
+                          close_tag: str = "</question>") -> PatternGrammar:
+    """The text after a forced ``<question>`` when the question must match ``pattern`` (a form of
+    `soar_env.prompts.QUESTION_FORMS`): the form, then the closing tag (or a line break, with
+    ``newline_ends``), or eos."""
+    ends = [regex.escape(close_tag)] + (["\n"] if newline_ends else [])
+    return PatternGrammar(f"(?:{pattern})(?:{'|'.join(ends)})?", alphabet + close_tag + ("\n" if newline_ends else ""))
 
 
 # ---------------------------------------------------------------------------------------------
