@@ -35,6 +35,7 @@ EDGE_TOPICS = "addition, subtraction and multiplication of whole numbers"
 multiplication families)."""
 
 FAMILY_CHOICES = ("target", "all")
+"""The named values of ``TeacherConfig.families``; any other value lists family names."""
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -96,8 +97,9 @@ class TeacherConfig:
     end it empty. The update scores those tokens under the same masks, so it stays on-policy."""
     question_form: str | None = None
     """Constrained decoding of the question too, to a form of `soar_env.prompts.QUESTION_FORMS`
-    ("arithmetic": "What is A + B?" with +, - or x, the cpu hard set's form); a deviation that
-    gives the teacher the target's question form, not its problems. Needs constrain_answer."""
+    ("arithmetic": "What is A + B?" with +, - or x and an integer answer, the cpu hard set's form);
+    a deviation that gives the teacher the target's question form, not its problems. Needs
+    constrain_answer."""
     require_numeric_answer: bool = False
     """Also reject answers without a digit: small models copy the prompt's "\\boxed{final answer}",
     which Math-Verify reads as a product of symbols that no student can match."""

@@ -103,12 +103,14 @@ class TeacherSampler:
             vocabulary = Vocabulary.from_tokenizer(policy.tokenizer)
             eos = policy.eos_token_ids
             if config.question_form is not None:
-                question = question_form_grammar(*QUESTION_FORMS[config.question_form],
-                                                 newline_ends=config.question_ends_at_newline)
+                form, alphabet, answer_form = QUESTION_FORMS[config.question_form]
+                question = question_form_grammar(form, alphabet, newline_ends=config.question_ends_at_newline)
+                answer = AnswerGrammar(answer_form)
             else:
                 question = QuestionGrammar(newline_ends=config.question_ends_at_newline)
+                answer = AnswerGrammar()
             self.question_filter = TokenFilter(vocabulary, question, eos_token_ids=eos)
-            self.answer_filter = TokenFilter(vocabulary, AnswerGrammar(), eos_token_ids=eos)
+            self.answer_filter = TokenFilter(vocabulary, answer, eos_token_ids=eos)
 
     def parse(self, text: str) -> Problem | Rejection:
         """The paper's checks (`parse_teacher_output`), plus a digit in the answer when configured."""

@@ -43,6 +43,7 @@ from agents.teacher_config import TeacherConfig, make_teacher_config
 from soar_env.options import check_minimum
 from soar_env.atomic import atomic_write_text
 from soar_env.config import PRESETS, EnvConfig, make_config
+from soar_env.data.generators import FAMILIES
 from soar_env.data.hardset import hard_splits, load_hard_pool, target_families
 from soar_env.estimators import sampling_for
 from soar_env.options import add_dataclass_arguments
@@ -140,8 +141,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     was given overrides it (and ``--resume`` can tell given options from defaults).
     """
     add_dataclass_arguments(parser.add_argument_group("run"), TrainConfig, absent_unless_given=True)
-    teacher_group = parser.add_argument_group("teacher (LLM teachers: rloo, base, intrinsic; seed and families: "
-                                              "every teacher)")
+    teacher_group = parser.add_argument_group("teacher (LLM teachers: rloo, base, intrinsic; seed: every teacher; "
+                                              "families: random, sb3, alp-gmm and user classes)")
     add_dataclass_arguments(teacher_group, TeacherConfig, prefix="teacher-", dest_prefix="teacher__",
                             absent_unless_given=True, default_note=_paper_note)
     add_dataclass_arguments(parser.add_argument_group("environment (any EnvConfig field; see soar_env.config)"),
@@ -223,8 +224,10 @@ def plan_run(train_options: dict[str, Any], teacher_overrides: dict[str, Any],
             raise ValueError(f"--run-dir {train_options['run_dir']} differs from --resume {resume}")
         conflicts = [f"--{k.replace('_', '-')}" for k, v in train_options.items()
                      if k not in RESUMABLE and saved["train"].get(k) != v]
+        # Runs saved before the families setting drew from all ten families.
+        saved_teacher = {"families": "all", **saved["teacher_config"]}
         conflicts += [f"--teacher-{k.replace('_', '-')}" for k, v in teacher_overrides.items()
-                      if k not in TEACHER_RESUMABLE and saved["teacher_config"].get(k) != v]
+                      if k not in TEACHER_RESUMABLE and saved_teacher.get(k) != v]
         # Compared with the loaded settings: a config saved with greedy_eval loads as its reward_estimator.
         saved_env = EnvConfig(**saved["env"]).to_dict()
         conflicts += [f"--{k.replace('_', '-')}" for k, v in env_overrides.items() if saved_env.get(k) != v]
@@ -237,8 +240,7 @@ def plan_run(train_options: dict[str, Any], teacher_overrides: dict[str, Any],
         env = make_config(EnvConfig(**saved["env"]))  # greedy_eval of older runs is read here
         current = make_teacher_config(train.preset, **{k: v for k, v in teacher_overrides.items()
                                                         if k in TEACHER_RESUMABLE})
-        # Runs saved before the families setting drew from all ten families.
-        teacher_config = TeacherConfig(**{"families": "all", **saved["teacher_config"],
+        teacher_config = TeacherConfig(**{**saved_teacher,
                                           **{k: getattr(current, k) for k in TEACHER_RESUMABLE}})
         teacher_class = resolve_teacher_class(train.teacher)
         done = checkpoint_step(checkpoint_dirs(run_dir)[-1])
@@ -253,6 +255,8 @@ def plan_run(train_options: dict[str, Any], teacher_overrides: dict[str, Any],
     needed = dict(getattr(teacher_class, "env_overrides", {}) or {})
     env = make_config(train.preset, **{**needed, **env_overrides})
     teacher_config = make_teacher_config(train.preset, **teacher_overrides)
+    # "target" is resolved now, so run_config.json records the families the run draws from.
+    teacher_config = dataclasses.replace(teacher_config, families=families_setting(teacher_config, env))
     if hasattr(teacher_class, "check_env") and teacher_class is not None:
         _check_env(teacher_class, env)
     _check_models(train, env, teacher_config)
@@ -305,20 +309,22 @@ def _check_hardset(env: EnvConfig) -> None:
 
 
 def build_teacher(plan: RunPlan) -> Any:
-    """An instance of the planned teacher; any class (built-in or a user's) gets those of ``seed``,
-    ``config`` (the TeacherConfig), ``env_config`` and ``families`` (see `generator_families`) that
-    it declares."""
+    """An instance of the planned teacher. An `RLOOTeacher` (sub)class gets its TeacherConfig; any
+    other class gets those of ``seed``, ``config`` (the TeacherConfig), ``env_config`` and
+    ``families`` (`generator_families`, when not all ten) that it declares."""
     cls = plan.teacher_class
     seed = plan.teacher_config.seed if plan.teacher_config.seed is not None else (plan.env.seed or 0)
     if isinstance(cls, type) and issubclass(cls, RLOOTeacher):
         return cls(dataclasses.replace(plan.teacher_config, seed=seed))
-    available = {"seed": seed, "config": plan.teacher_config, "env_config": plan.env,
-                 "families": generator_families(plan.teacher_config, plan.env)}
+    available = {"seed": seed, "config": plan.teacher_config, "env_config": plan.env}
     try:
         parameters = inspect.signature(cls).parameters
     except (TypeError, ValueError):
         parameters = {}
     kwargs = {k: v for k, v in available.items() if k in parameters}
+    families = generator_families(plan.teacher_config, plan.env) if "families" in parameters else None
+    if families is not None:  # None (all ten) leaves the class's own default
+        kwargs["families"] = families
     return cls(**kwargs)
 
 
@@ -329,6 +335,12 @@ def generator_families(config: TeacherConfig, env: EnvConfig) -> tuple[str, ...]
     if config.families == "target":
         return target_families(env)
     return tuple(config.family_names())
+
+
+def families_setting(config: TeacherConfig, env: EnvConfig) -> str:
+    """``config.families`` with "target" replaced by the names it stands for in ``env`` ("all" for all ten)."""
+    families = generator_families(config, env)
+    return "all" if families is None or set(families) == set(FAMILIES) else ",".join(families)
 
 
 def _eval_sets(plan: RunPlan) -> dict[str, list[Problem]]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from agents.teacher_config import make_teacher_config
 from agents.train import DEFAULT_STEPS
 from benchmarks.evaluation import EvalConfig
 from benchmarks.timing import parse_override
@@ -65,6 +66,10 @@ class BenchConfig:
     """Env settings over the preset for every job, comma-separated name=value (e.g.
     inner_steps=4,learning_rate=2e-4); each job records the env it resolved to, so a preset retuned
     later cannot mix into a study."""
+    teacher_set: str = ""
+    """Teacher settings over the preset's for every method with a teacher, comma-separated
+    name=value (e.g. families=all, or topics=...); each job records the prompt topics, question
+    form and curriculum families it resolved to."""
     pq_mode: str = "curriculum"
     """How synthetic problems and hard train are combined: curriculum (paper, MATH) or mixed (HARP)."""
     pq_max_steps: int | None = None
@@ -113,10 +118,15 @@ class BenchConfig:
         check_minimum(self, ("seeds", "workers"), 1)
         self.evaluation()  # checks the PQ settings now rather than in the first job
         make_config(self.preset, **self.env_overrides())  # and env_set's names and values
+        make_teacher_config(self.preset, **self.teacher_overrides())  # and teacher_set's
 
     def env_overrides(self) -> dict[str, Any]:
         """``env_set`` as EnvConfig overrides (checked by name when a config is made)."""
         return parse_override(self.env_set) if self.env_set.strip() else {}
+
+    def teacher_overrides(self) -> dict[str, Any]:
+        """``teacher_set`` as TeacherConfig overrides (checked by name when a config is made)."""
+        return parse_override(self.teacher_set) if self.teacher_set.strip() else {}
 
     @property
     def method_list(self) -> list[str]:

@@ -20,11 +20,12 @@ import gymnasium as gym
 
 import soar_env  # noqa: F401  (registers the env ids)
 from agents import Logger, checkpoint_dirs, checkpoint_step, env_core, read_pq
-from agents.train import DEFAULT_STEPS, RunPlan, build_teacher, plan_run, write_run_config
+from agents.teacher_config import TeacherConfig, make_teacher_config
+from agents.train import DEFAULT_STEPS, RunPlan, build_teacher, families_setting, plan_run, write_run_config
 from benchmarks import evaluation  # PQ / PS protocols, named through the module so that tests can replace them
 from benchmarks.bench_config import META_TRAINED, ROW_NAMES, TEACHER_OF, BenchConfig
 from soar_env.atomic import atomic_write_text
-from soar_env.config import make_config
+from soar_env.config import EnvConfig, make_config
 from soar_env.data.hardset import hard_splits
 
 
@@ -45,7 +46,7 @@ def teacher_plan(bench: BenchConfig, method: str, seed: int, out: Path) -> RunPl
                "progress": False, "threads": bench.threads}
     if method in META_TRAINED and checkpoint_dirs(run_dir):
         options["resume"] = str(run_dir)
-    return plan_run(options, {}, {**bench.env_overrides(), "seed": seed}, allow_finished=True)
+    return plan_run(options, bench.teacher_overrides(), {**bench.env_overrides(), "seed": seed}, allow_finished=True)
 
 
 def _teacher_run(bench: BenchConfig, method: str, seed: int, out: Path) -> dict[str, Any]:
@@ -219,8 +220,9 @@ def collect(bench: BenchConfig, out: Path) -> tuple[dict[str, list[dict[str, Any
 
 # Settings that change which jobs run or how fast, not what a finished job measured.
 NOT_JOB_SETTINGS = ("methods", "seeds", "first_seed", "budget_minutes", "out", "threads", "workers", "plots",
-                    "env_set")
-"""BenchConfig fields that do not decide a job's numbers (env_set does, through the env it resolves to)."""
+                    "env_set", "teacher_set")
+"""BenchConfig fields that do not decide a job's numbers (env_set and teacher_set do, through the
+env and the teacher settings they resolve to)."""
 
 
 def job_path(out: Path, method: str, seed: int) -> Path:
@@ -254,14 +256,39 @@ measured with (AdamW and cosine restarted every chunk, 32 hard-train problems he
 preset before its retune: 4 inner steps, 6 after a promotion, lr 2e-4, the fail@16 hard set with
 M = 32, cut-off replies and unevaluated answers read): such a job is kept only by a study that asks
 for these values, e.g. benchmarks/results/compare-cpu with ``--env-set inner_steps=4,inner_steps_after_promotion=6,``
-``learning_rate=2e-4,hardset=bundled,eval_subset_size=32,grade_unfinished=true,accept_unevaluated=true``."""
+``learning_rate=2e-4,hardset=bundled,eval_subset_size=32,grade_unfinished=true,accept_unevaluated=true`` (and its
+teachers' prompt with ``--teacher-set topics=...``, the ten families' topics; see `recorded_teacher`)."""
+
+
+def resolved_teacher(preset: str, teacher_overrides: dict[str, Any], env_overrides: dict[str, Any]) -> dict[str, Any]:
+    """The teacher settings that change what a teacher writes beyond the env: the prompt's topics,
+    the question form and the curriculum teachers' families ("target" resolved)."""
+    config = make_teacher_config(preset, **teacher_overrides)
+    families = families_setting(config, make_config(preset, **env_overrides))
+    return {"topics": config.topics, "question_form": config.question_form, "families": families}
+
+
+def recorded_teacher(out: Path, method: str, seed: int) -> dict[str, Any] | None:
+    """A job's teacher settings as its run's run_config.json saved them (jobs written before the job
+    file recorded them); None without that file."""
+    path = out / f"{method}-seed{seed}" / "run_config.json"
+    if not path.is_file():
+        return None
+    saved = json.loads(path.read_text())
+    config = TeacherConfig(**{"families": "all", **saved["teacher_config"]})  # older runs: all ten
+    env = EnvConfig(**saved["env"])
+    return {"topics": config.topics, "question_form": config.question_form,
+            "families": families_setting(config, env)}
 
 
 def job_settings(bench: BenchConfig, method: str) -> dict[str, Any]:
     """The settings that decide what ``method``'s job measures."""
     skip = NOT_JOB_SETTINGS + UNREAD_BY.get(method, ())
     settings = {k: v for k, v in dataclasses.asdict(bench).items() if k not in skip}
-    return {**settings, "env": resolved_env(bench.preset, bench.env_overrides())}
+    settings["env"] = resolved_env(bench.preset, bench.env_overrides())
+    if method in TEACHER_OF:
+        settings["teacher"] = resolved_teacher(bench.preset, bench.teacher_overrides(), bench.env_overrides())
+    return settings
 
 
 
@@ -282,6 +309,8 @@ def load_job(out: Path, bench: BenchConfig, method: str, seed: int) -> dict[str,
     job = json.loads(path.read_text())
     wanted = job_settings(bench, method)
     recorded = {**LEGACY_SETTINGS, **job["settings"]}
+    if "teacher" in wanted and "teacher" not in recorded:
+        recorded["teacher"] = recorded_teacher(out, method, seed) or wanted["teacher"]
     changed = sorted(k for k in wanted if k not in recorded or recorded[k] != wanted[k])
     if changed:
         raise ValueError(f"{path} was measured with other settings ({', '.join(changed)}); "

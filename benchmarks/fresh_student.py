@@ -10,7 +10,8 @@
 The paper trains each fresh student in one run of at most 1500 steps with a slope-based early
 stop. The curve is measured between chunks, and measuring must not restart AdamW or the cosine:
 `Student.train` makes a fresh optimizer whose cosine spans each call (right for the 10-step
-inner runs), so this drives `RLOOUpdater` directly, with the student's policy and settings. It
+inner runs), so this keeps one `RLOOUpdater` for the whole run and hands it to
+`Student.rloo_steps` chunk after chunk, with the student's policy and settings. It
 trains the policy in place: after a chunk the policy holds the run's weights, and
 ``student.promote(chunk.state)`` makes them the student's baseline too (promoting copies values
 into the same parameters, so the optimizer's state stays attached to them).
@@ -29,13 +30,14 @@ from soar_env.student_results import TrainResult
 class OneRun:
     """One RLOO run of ``total_steps`` updates on a `soar_env.student.Student`, trained in chunks.
 
-    Needs a student with ``policy`` and ``config`` (`StudentConfig`); a scripted student has no
-    optimizer to continue, so it gets a ``TypeError`` that names the per-chunk protocol instead.
+    Needs a student with ``policy``, ``config`` (`StudentConfig`) and ``rloo_steps``; a scripted
+    student has no optimizer to continue, so it gets a ``TypeError`` that names the per-chunk
+    protocol instead.
     """
 
     def __init__(self, student: Any, total_steps: int, *, batch_size: int, group_size: int, seed: int) -> None:
         policy, config = getattr(student, "policy", None), getattr(student, "config", None)
-        if policy is None or not hasattr(config, "rloo_config"):
+        if policy is None or not hasattr(config, "rloo_config") or not hasattr(student, "rloo_steps"):
             raise TypeError(f"{type(student).__name__} has no policy and StudentConfig to train in one run; "
                             "use EvalConfig(schedule='per-chunk') for such a student")
         import torch  # lazy: the benchmarks' settings import without torch
@@ -43,7 +45,6 @@ class OneRun:
         from soar_env.rl import RLOOUpdater
 
         self.torch = torch
-        self.config = config
         self.batch_size = batch_size
         self.group_size = group_size
         self.rng = random.Random(seed)

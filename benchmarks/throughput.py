@@ -11,7 +11,7 @@ Two measurements, on the same model, the same prompts and the same settings:
    ``problems x group_size`` rows (the same model object, so the same weights and adapters).
 2. **One student RLOO step** = sample ``group_size`` completions for each of ``problems``
    prompts + grade them (``soar_env.verify.grade_many``, last-number fallback unless
-   ``--require-box``) + one update. Ours is the body of ``Student._run`` (``LMPolicy.sample``,
+   ``--require-box``) + one update. Ours is the body of ``Student.rloo_steps`` (``LMPolicy.sample``,
    ``grade_many``, ``RLOOUpdater.update``); TRL's is one optimizer step of ``trl.RLOOTrainer``
    (generation with ``model.generate``, old/ref log-prob passes, reward function, loss,
    backward, AdamW) configured to the same batch, group size (``num_generations``), max
@@ -127,7 +127,7 @@ def bench_generation(args: argparse.Namespace, policy: LMPolicy, problems: list[
 
 
 class OurStep:
-    """One step of ``Student._run``: sample, grade, ``RLOOUpdater.update``; timed by phase."""
+    """One step of ``Student.rloo_steps``: sample, grade, ``RLOOUpdater.update``; timed by phase."""
 
     def __init__(self, args: argparse.Namespace, problems: list[Problem], total_steps: int) -> None:
         self.args = args

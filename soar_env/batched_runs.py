@@ -255,7 +255,7 @@ def _inner_step(student: Student, specs: Sequence[RunSpec], bank: MultiLora, upd
     config = student.config
     t0 = time.perf_counter()
     batches = {k: [problems[k][next(orders[k])] for _ in range(specs[k].batch_size)] for k in active}
-    seeds = {k: rngs[k].randrange(2**31) for k in active}  # drawn after the batch, as Student._run does
+    seeds = {k: rngs[k].randrange(2**31) for k in active}  # drawn after the batch, as Student.rloo_steps does
     # Adapters are addressed by run index: an inactive run gets no prompts (no rows, no draws).
     sampled = sample_runs(student.policy, bank, [student._prompts(batches[k]) if k in batches else []
                                                  for k in range(len(specs))],

@@ -30,13 +30,14 @@ TEACHER_REPLY_PREFIX = "<question>"
 """Forced start of the teacher's reply, for small models that rarely follow the format."""
 
 _WHOLE = r"(?:0|[1-9][0-9]{0,3})"
-QUESTION_FORMS: dict[str, tuple[str, str]] = {
-    "arithmetic": (rf"What is {_WHOLE} (?:\+|-|×) {_WHOLE}\?", "What is0123456789+-×?"),
+QUESTION_FORMS: dict[str, tuple[str, str, str]] = {
+    "arithmetic": (rf"What is {_WHOLE} (?:\+|-|×) {_WHOLE}\?", "What is0123456789+-×?", r"-?(?:0|[1-9][0-9]{0,7})"),
 }
-"""Named question forms for constrained decoding of the teacher's question (a deviation, off in
-the paper): name -> (regular expression the question must match, the characters it uses).
-"arithmetic" is the form of the cpu preset's hard set ("What is 519 + 974?"): the teacher then
-chooses the operands, the operation and the answer, never sees a problem."""
+"""Named question forms for constrained decoding of the teacher's reply (a deviation, off in the
+paper): name -> (regular expression the question must match, the characters it uses, the form of
+its answer). "arithmetic" is the form of the cpu preset's hard set ("What is 519 + 974?", an
+integer answer): the teacher then chooses the operands, the operation and the answer, and never
+sees a problem."""
 
 
 def student_prompt(question: str, template: str = STUDENT_PROMPT) -> str:

@@ -362,7 +362,8 @@ def test_row_states_advance_incrementally_as_the_whole_text_would(policy, vocabu
 
 
 def arithmetic_form(newline_ends: bool = True):
-    return question_form_grammar(*QUESTION_FORMS["arithmetic"], newline_ends=newline_ends)
+    form, alphabet, _ = QUESTION_FORMS["arithmetic"]
+    return question_form_grammar(form, alphabet, newline_ends=newline_ends)
 
 
 def test_every_question_of_the_cpu_hard_set_has_the_arithmetic_form():
@@ -396,4 +397,21 @@ def test_a_teacher_with_the_question_form_writes_only_that_form():
     grammar = arithmetic_form()
     accepted = [d.result for d in drafts if d.ok]
     assert accepted and all(grammar.can_end(state_of(grammar, p.question) or "") for p in accepted)
+    assert all(p.answer.lstrip("-").isdigit() for p in accepted)  # the form's answers are integers
     assert all(d.filters[0] is teacher.sampler.question_filter for d in drafts)
+
+
+def test_the_hard_sets_answers_fit_the_arithmetic_forms_answers():
+    train, test = hard_splits(make_config("cpu"))
+    grammar = AnswerGrammar(QUESTION_FORMS["arithmetic"][2])
+    assert all(grammar.can_end(state_of(grammar, p.answer + "}") or "") for p in train + test)
+
+
+@pytest.mark.embedded
+def test_the_embedded_tokenizer_can_write_every_operator_of_the_arithmetic_form(embedded):
+    _, tokenizer = embedded
+    vocabulary = Vocabulary.from_tokenizer(tokenizer)
+    question = TokenFilter(vocabulary, arithmetic_form(), eos_token_ids=[tokenizer.eos_token_id])
+    prefix = tokenizer("What is 12", add_special_tokens=False)["input_ids"]
+    texts = {vocabulary.texts[int(i)] for i in question.allowed(prefix)}
+    assert {" +", " -", " ×"} <= {t[:2] for t in texts}, sorted(texts)[:20]

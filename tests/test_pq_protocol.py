@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from agents.teacher_config import ARITHMETIC_TOPICS
+
 from benchmarks.bench_config import BenchConfig, paper_differences
 from benchmarks.bench_jobs import collect, load_job
 from benchmarks.bench_report import aggregate, markdown_table
@@ -109,7 +111,9 @@ def test_the_committed_cpu_study_loads_and_its_table_regenerates():
     settings = dict(preset="cpu", seeds=3, teacher_steps=4, out=str(STUDY), plots=False)
     before_retune = ("inner_steps=4,inner_steps_after_promotion=6,learning_rate=2e-4,"  # the cpu preset it ran on
                      "hardset=bundled,eval_subset_size=32,grade_unfinished=true,accept_unevaluated=true")
-    bench = BenchConfig(pq_schedule="per-chunk", heldout_size=32, env_set=before_retune, **settings)
+    ten_families = f"topics={ARITHMETIC_TOPICS}"  # its LLM teachers' prompt named all ten families' topics
+    bench = BenchConfig(pq_schedule="per-chunk", heldout_size=32, env_set=before_retune, teacher_set=ten_families,
+                        **settings)
     rows, teachers = collect(bench, STUDY)
     assert set(rows) == {"base-student", "hard-only", "base", "random", "intrinsic", "grounded", "soar-pq",
                          "soar-ps", "sb3"} and all(len(entries) == 3 for entries in rows.values())
@@ -127,6 +131,10 @@ def test_the_committed_cpu_study_loads_and_its_table_regenerates():
     # The retuned cpu preset is another env: the study's jobs are refused under it, never mixed in.
     with pytest.raises(ValueError, match=r"other settings \(env\)"):
         load_job(STUDY, BenchConfig(pq_schedule="per-chunk", heldout_size=32, **settings), "hard-only", 0)
+    # Its teacher jobs recorded their prompt in run_config.json: today's cpu prompt is another teacher.
+    with pytest.raises(ValueError, match=r"other settings \(teacher\)"):
+        load_job(STUDY, BenchConfig(pq_schedule="per-chunk", heldout_size=32, env_set=before_retune, **settings),
+                 "base", 0)
     # Base-student jobs read neither setting, so they load under any with the same env.
     assert load_job(STUDY, BenchConfig(env_set=before_retune, **settings), "base-student", 0) is not None
     assert math.isclose(table["hard-only"]["pass_at_k"]["32"][0], 24.8, abs_tol=0.05)
@@ -153,5 +161,13 @@ def test_env_set_and_the_seed_reach_the_teachers_env_and_not_its_settings(tmp_pa
     bench = BenchConfig(preset="tiny", env_set="inner_steps=3,learning_rate=0.01", teacher_steps=2)
     plan = teacher_plan(bench, "alp-gmm", 2, tmp_path)
     assert (plan.env.inner_steps, plan.env.learning_rate, plan.env.seed) == (3, 0.01, 2)
-    assert plan.teacher_config == make_teacher_config("tiny") and plan.train.total_steps == 2
+    assert plan.teacher_config == make_teacher_config("tiny", families="addition,multiplication")  # the tiny set's
+    assert plan.train.total_steps == 2
     assert plan.run_dir == tmp_path / "alp-gmm-seed2" and not plan.resuming
+    from benchmarks.bench_jobs import job_settings
+
+    all_ten = BenchConfig(preset="tiny", teacher_set="families=all", teacher_steps=2)
+    assert teacher_plan(all_ten, "alp-gmm", 2, tmp_path / "other").teacher_config.families == "all"
+    assert job_settings(all_ten, "alp-gmm")["teacher"]["families"] == "all"
+    assert job_settings(bench, "alp-gmm")["teacher"]["families"] == "addition,multiplication"
+    assert "teacher" not in job_settings(bench, "hard-only")  # a method without a teacher reads none

@@ -226,4 +226,7 @@ def test_a_resumed_run_from_before_the_families_setting_keeps_all_ten(tmp_path):
     (run_dir / "checkpoints" / "step_000001" / TRAINER_FILE).write_bytes(b"")
     (run_dir / RUN_CONFIG).write_text(json.dumps(saved))
     resumed = plan_run({"teacher": "random", "preset": "tiny", "steps": 2, "resume": str(run_dir)}, {}, {})
-    assert plan.teacher_config.families == "target" and resumed.teacher_config.families == "all"
+    assert plan.teacher_config.families == "addition,multiplication"  # "target", resolved for run_config.json
+    assert resumed.teacher_config.families == "all"
+    again = plan_run({"teacher": "random", "preset": "tiny", "steps": 2, "resume": str(run_dir)}, {"families": "all"}, {})
+    assert again.teacher_config.families == "all"  # asking for what the old run did is no conflict

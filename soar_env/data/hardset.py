@@ -414,7 +414,7 @@ def target_families(config: EnvConfig) -> tuple[str, ...] | None:
     """
     train, test = hard_splits(config)
     names = {problem.meta.get("family") for problem in train + test}
-    if None in names:
+    if not names or not names <= set(FAMILIES):  # a row no generator made, or a family unknown here
         return None
     return tuple(family for family in FAMILIES if family in names)
 

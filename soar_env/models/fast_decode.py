@@ -102,7 +102,6 @@ def sample_rollout(
             eos_token_ids=eos_token_ids,
             tokenizer=tokenizer,
             stops=stops,
-            seed=seed,
             pad_token_id=pad,
             settings=settings,
             token_filter=options.token_filter,
@@ -139,8 +138,8 @@ def decode_rows(
     each row) with ``row_seeds`` (the seed of each row's random stream; default
     ``row_seed(seed, prompt, row)``). A row ends after its first eos
     or after the token that completes a stop string (``stops`` needs ``tokenizer``), that token
-    included, or after ``max_new_tokens``. ``seed=None`` draws the call's seed from the global
-    torch RNG (the global RNG is otherwise untouched). ``model`` may be a peft model: its
+    included, or after ``max_new_tokens``. Without ``row_seeds``, ``seed=None`` draws the call's
+    seed from the global torch RNG (the global RNG is otherwise untouched). ``model`` may be a peft model: its
     active adapters are folded in. The model runs in eval mode; its weights are not changed.
     ``make_engine(model, settings, columns, pad_token_id)`` replaces the engine the model's
     family gets (one whose rows use different adapters, say); it is called inside the decode.
@@ -151,12 +150,7 @@ def decode_rows(
         row_prompts = [k for k, n in enumerate(samples) for _ in range(n)]
     if row_prompts is None:
         raise ValueError("give samples or row_prompts")
-    if row_seeds is None:
-        seed = call_seed(seed)
-        keys = ([(k, j) for k, n in enumerate(samples) for j in range(n)] if samples is not None
-                else [(k, r) for r, k in enumerate(row_prompts)])
-        row_seeds = [row_seed(seed, k, j) for k, j in keys]
-    if len(row_seeds) != len(row_prompts):
+    if row_seeds is not None and len(row_seeds) != len(row_prompts):
         raise ValueError(f"{len(row_seeds)} row seeds for {len(row_prompts)} rows")
     if any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
@@ -164,6 +158,11 @@ def decode_rows(
         raise ValueError("stop strings need the tokenizer")
     if not row_prompts or max_new_tokens <= 0:
         return [[] for _ in row_prompts]
+    if row_seeds is None:  # the call's seed is drawn only now, as before any row existed to need it
+        seed = call_seed(seed)
+        keys = ([(k, j) for k, n in enumerate(samples) for j in range(n)] if samples is not None
+                else [(k, r) for r, k in enumerate(row_prompts)])
+        row_seeds = [row_seed(seed, k, j) for k, j in keys]
     greedy = greedy or temperature <= 0
     engine = make_engine or engine_for(model, settings)
     device = model_device(model)

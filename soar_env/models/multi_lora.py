@@ -47,6 +47,7 @@ from soar_env.models.policy import LMPolicy
 from soar_env.models.rollout import Completion, Rollout
 from soar_env.models.scoring import picked_logprobs
 
+
 def row_segments(runs: Sequence[int]) -> list[tuple[int, int, int]]:
     """Maximal stretches of equal run index: [(run, start, stop)], in row order."""
     segments: list[tuple[int, int, int]] = []

@@ -140,4 +140,3 @@ def perturbed_state(policy: Any, scale: float, seed: int) -> dict[str, torch.Ten
     generator = torch.Generator().manual_seed(seed)
     return {name: tensor + scale * torch.randn(tensor.shape, generator=generator)
             for name, tensor in policy.state_dict_trainable().items()}
-
