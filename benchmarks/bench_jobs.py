@@ -102,6 +102,7 @@ def _teacher_run(bench: BenchConfig, method: str, seed: int, out: Path) -> dict[
         "run_dir": str(run_dir),
         "rewards": rewards,
         "promotion_steps": list(recorder.steps) if recorder is not None else [],
+        "updates_skipped": [row.get("teacher/update_skipped") for row in history],
         "baseline_accuracy": [row.get("student/baseline_accuracy") for row in history],
         "compute": compute,
         "pq_size": len(promoted),

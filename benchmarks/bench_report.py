@@ -6,6 +6,7 @@ tables can be regenerated from its ``jobs/`` folder alone.
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import json
 import shutil
@@ -20,6 +21,7 @@ from benchmarks.bench_config import (
     PAPER_SETTINGS,
     ROW_NAMES,
     ROW_ORDER,
+    META_TRAINED,
     TEACHER_OF,
     BenchConfig,
     paper_differences,
@@ -226,6 +228,46 @@ def paper_numbers(row: str) -> str:
     return "/".join("–" if v is None else f"{v}" for v in numbers) if numbers else "–"
 
 
+def _skipped_updates(info: dict[str, Any], out: Path) -> list[float] | None:
+    """Per teacher step, whether its update was skipped (all rewards equal): from the job file, or
+    for jobs written before it recorded them, from the run's progress.csv; None when neither has it."""
+    if info.get("updates_skipped") is not None:
+        return [float(v or 0.0) for v in info["updates_skipped"]]
+    path = out / Path(info.get("run_dir", "")).name / "progress.csv"
+    if not info.get("run_dir") or not path.is_file():
+        return None
+    with path.open() as handle:
+        rows = list(csv.DictReader(handle))
+    if not rows or "teacher/update_skipped" not in rows[0]:
+        return None
+    return [float(row["teacher/update_skipped"] or 0.0) for row in rows]
+
+
+def meta_training_table(teachers: dict[str, list[dict[str, Any]]], out: Path) -> str:
+    """Markdown: per learned teacher and seed, how often its reward was non-zero, how many updates it
+    took, what it promoted: whether the teacher's loop ran, beside what its students scored."""
+    lines = []
+    for method in META_TRAINED:
+        for info in teachers.get(method, []):
+            rewards = [r for r in info.get("rewards") or [] if r is not None]
+            if not rewards:
+                continue
+            skipped = _skipped_updates(info, out)
+            taken = "–" if skipped is None else f"{sum(1 for v in skipped if v < 0.5)}/{len(skipped)}"
+            nonzero = sum(1 for r in rewards if abs(r) > 1e-12)
+            name = "SOAR" if method == "soar" else ROW_NAMES[method]  # its rows are PQ, PS and Grounded-T
+            lines.append(f"| {name} | {Path(info.get('run_dir', '?')).name} | {len(rewards)} "
+                         f"| {nonzero}/{len(rewards)} | {sum(rewards) / len(rewards):+.4f} | {max(rewards):+.4f} "
+                         f"| {taken} | {len(info.get('promotion_steps') or [])} | {info.get('pq_size', 0)} |")
+    if not lines:
+        return ""
+    return ("\nMeta-training: the teacher's own reward per step (the mean over its datasets; grounded for "
+            "SOAR, SB3 and ALP-GMM, learnability for Intrinsic-T), the updates it took (an update whose "
+            "rewards are all equal is skipped) and its promotions.\n\n"
+            "| teacher | run | steps | steps with reward != 0 | mean reward | best step | updates taken "
+            "| promotions | PQ problems |\n|---|---|---|---|---|---|---|---|---|\n" + "\n".join(lines) + "\n")
+
+
 def write_results(bench: BenchConfig, out: Path, rows: dict[str, Any], teachers: dict[str, Any], skipped: list[str],
                   failed: dict[str, str], seconds: float, analysis: dict[str, Any] | None = None) -> dict[str, Any]:
     """``results.json`` and ``results.md`` (and the plots) of the jobs finished so far."""
@@ -235,7 +277,8 @@ def write_results(bench: BenchConfig, out: Path, rows: dict[str, Any], teachers:
                "teachers": teachers, "analysis": analysis or {}, "skipped": skipped, "failed": failed,
                "wall_seconds": round(seconds, 1)}
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    (out / "results.md").write_text(markdown_table(bench, table, paired) + analysis_table(analysis or {}, bench)
+    (out / "results.md").write_text(markdown_table(bench, table, paired) + meta_training_table(teachers, out)
+                                    + analysis_table(analysis or {}, bench)
                                     + (f"\nSkipped (budget): {', '.join(skipped)}\n" if skipped else "")
                                     + "".join(f"\nFailed: {job}: {error}\n" for job, error in failed.items()))
     if bench.plots:

@@ -168,3 +168,18 @@ def test_job_rows_keep_the_problem_ids_of_their_counts(tmp_path, monkeypatch):
     job = bench_jobs.run_job(bench, "base-student", 0)
     entry = job["rows"]["base-student"][0]
     assert entry["problem_ids"] == tested[0] and len(entry["problem_ids"]) == len(entry["correct"]) == 3
+
+
+def test_the_meta_training_table_says_whether_each_teachers_loop_ran(tmp_path):
+    """Non-zero reward steps, updates taken (from the job, or an older job's progress.csv) and promotions."""
+    from benchmarks.bench_report import meta_training_table
+
+    soar = {"run_dir": "study/soar-seed0", "rewards": [0.0, 0.0078, -0.0078, 0.0], "promotion_steps": [3],
+            "pq_size": 16, "updates_skipped": [1.0, 0.0, 0.0, 1.0]}
+    (tmp_path / "alp-gmm-seed0").mkdir()
+    (tmp_path / "alp-gmm-seed0" / "progress.csv").write_text("step,teacher/update_skipped\n1,1.0\n2,0.0\n")
+    alp = {"run_dir": "study/alp-gmm-seed0", "rewards": [0.02, 0.0], "promotion_steps": [], "pq_size": 0}
+    text = meta_training_table({"soar": [soar], "alp-gmm": [alp], "random": [{"rewards": []}]}, tmp_path)
+    assert "| SOAR | soar-seed0 | 4 | 2/4 | +0.0000 | +0.0078 | 2/4 | 1 | 16 |" in text
+    assert "| ALP-GMM | alp-gmm-seed0 | 2 | 1/2 | +0.0100 | +0.0200 | 1/2 | 0 | 0 |" in text
+    assert "Random" not in text and meta_training_table({"random": [{"rewards": []}]}, tmp_path) == ""
