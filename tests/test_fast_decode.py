@@ -14,7 +14,8 @@ from transformers import GPT2Config, GPT2LMHeadModel, Qwen2Config, Qwen2ForCausa
 from soar_env.models import LMPolicy, LoraSettings, build_tiny_model
 from soar_env.models.decoding import SampleOptions, left_pad
 from soar_env.models.decode_engines import FastDecodeSettings, supports_llama_engine
-from soar_env.models.fast_decode import _inverse_cdf, decode_rows, row_seed, sample_rollout
+from soar_env.models.decoding import row_seed
+from soar_env.models.fast_decode import _inverse_cdf, decode_rows, sample_rollout
 from soar_env.prompts import student_prompt
 
 pytestmark = pytest.mark.usefixtures("one_thread")

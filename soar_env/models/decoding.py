@@ -154,6 +154,31 @@ class StopStrings(StoppingCriteria):
         return self.done.clone()
 
 
+# Per-row random streams: a row's tokens depend on its own seed, never on its batch.
+
+
+def call_seed(seed: int | None) -> int:
+    """The seed of a call; without one, drawn from the global torch RNG (as ``generate`` would use it)."""
+    if seed is None:
+        return int(torch.randint(0, 2**62, (1,)).item())
+    return int(seed)
+
+
+def _splitmix64(x: int) -> int:
+    """One step of splitmix64: a well-mixed 64-bit hash, so nearby keys give unrelated streams."""
+    x = (x + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return x ^ (x >> 31)
+
+
+def row_seed(seed: int, prompt: int, sample: int) -> int:
+    """Seed of the random stream of row (prompt, sample) in a call seeded ``seed``."""
+    x = _splitmix64(seed & 0xFFFFFFFFFFFFFFFF)
+    x = _splitmix64(x ^ (prompt & 0xFFFFFFFFFFFFFFFF))
+    return _splitmix64(x ^ (sample & 0xFFFFFFFFFFFFFFFF))
+
+
 def trim_completion(
     tokenizer: PreTrainedTokenizerBase, eos_token_ids: Sequence[int], generated: list[int], stops: Sequence[str]
 ) -> Completion:

@@ -58,7 +58,7 @@ from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
 from soar_env.models.constrained import TokenFilter
-from soar_env.models.decoding import SampleOptions, lora_merged, trim_completion
+from soar_env.models.decoding import SampleOptions, call_seed, lora_merged, row_seed, trim_completion
 from soar_env.models.decode_engines import Engine, FastDecodeSettings, HFEngine, engine_for, model_device
 from soar_env.models.rollout import Completion, Rollout
 
@@ -295,28 +295,6 @@ class _StopCheck:
 
 # ---------------------------------------------------------------------------------------------
 # randomness: one stream per row
-
-
-def call_seed(seed: int | None) -> int:
-    """The seed of a call; without one, drawn from the global torch RNG (as ``generate`` would use it)."""
-    if seed is None:
-        return int(torch.randint(0, 2**62, (1,)).item())
-    return int(seed)
-
-
-def _splitmix64(x: int) -> int:
-    """One step of splitmix64: a well-mixed 64-bit hash, so nearby keys give unrelated streams."""
-    x = (x + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
-    return x ^ (x >> 31)
-
-
-def row_seed(seed: int, prompt: int, sample: int) -> int:
-    """Seed of the random stream of row (prompt, sample) in a call seeded ``seed``."""
-    x = _splitmix64(seed & 0xFFFFFFFFFFFFFFFF)
-    x = _splitmix64(x ^ (prompt & 0xFFFFFFFFFFFFFFFF))
-    return _splitmix64(x ^ (sample & 0xFFFFFFFFFFFFFFFF))
 
 
 def _uniforms(row_seeds: Sequence[int], steps: int) -> Tensor:

@@ -42,7 +42,8 @@ from torch import Tensor, nn
 
 from soar_env.models.decode_engines import FastDecodeSettings, LlamaEngine, _Linear, engine_for
 from soar_env.models.decoding import SampleOptions, left_pad, positions, trim_completion
-from soar_env.models.fast_decode import call_seed, decode_rows, row_seed
+from soar_env.models.decoding import call_seed, row_seed
+from soar_env.models.fast_decode import decode_rows
 from soar_env.models.policy import LMPolicy
 from soar_env.models.rollout import Completion, Rollout
 from soar_env.models.scoring import picked_logprobs

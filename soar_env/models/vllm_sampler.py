@@ -51,8 +51,7 @@ from peft.tuners.lora.layer import Linear as LoraLinear
 from peft.tuners.lora.layer import LoraLayer
 from torch import Tensor, nn
 
-from soar_env.models.decoding import SampleOptions, SamplerBase
-from soar_env.models.fast_decode import row_seed
+from soar_env.models.decoding import SampleOptions, SamplerBase, row_seed
 from soar_env.models.resolve import EMBEDDED_DEFAULT, TINY_NAMES, looks_local
 from soar_env.models.rollout import Completion, Rollout
 
