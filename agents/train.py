@@ -224,8 +224,7 @@ def plan_run(train_options: dict[str, Any], teacher_overrides: dict[str, Any],
             raise ValueError(f"--run-dir {train_options['run_dir']} differs from --resume {resume}")
         conflicts = [f"--{k.replace('_', '-')}" for k, v in train_options.items()
                      if k not in RESUMABLE and saved["train"].get(k) != v]
-        # Runs saved before the families setting drew from all ten families.
-        saved_teacher = {"families": "all", **saved["teacher_config"]}
+        saved_teacher = saved_teacher_settings(saved)
         conflicts += [f"--teacher-{k.replace('_', '-')}" for k, v in teacher_overrides.items()
                       if k not in TEACHER_RESUMABLE and saved_teacher.get(k) != v]
         # Compared with the loaded settings: a config saved with greedy_eval loads as its reward_estimator.
@@ -326,6 +325,11 @@ def build_teacher(plan: RunPlan) -> Any:
     if families is not None:  # None (all ten) leaves the class's own default
         kwargs["families"] = families
     return cls(**kwargs)
+
+
+def saved_teacher_settings(saved: dict[str, Any]) -> dict[str, Any]:
+    """The teacher settings of a run_config.json; runs saved before ``families`` existed drew from all ten."""
+    return {"families": "all", **saved["teacher_config"]}
 
 
 def generator_families(config: TeacherConfig, env: EnvConfig) -> tuple[str, ...] | None:

@@ -21,7 +21,8 @@ import gymnasium as gym
 import soar_env  # noqa: F401  (registers the env ids)
 from agents import Logger, checkpoint_dirs, checkpoint_step, env_core, read_pq
 from agents.teacher_config import TeacherConfig, make_teacher_config
-from agents.train import DEFAULT_STEPS, RunPlan, build_teacher, families_setting, plan_run, write_run_config
+from agents.train import (DEFAULT_STEPS, RunPlan, build_teacher, families_setting, plan_run,
+                          saved_teacher_settings, write_run_config)
 from benchmarks import evaluation  # PQ / PS protocols, named through the module so that tests can replace them
 from benchmarks.bench_config import META_TRAINED, ROW_NAMES, TEACHER_OF, BenchConfig
 from soar_env.atomic import atomic_write_text
@@ -261,25 +262,21 @@ for these values, e.g. benchmarks/results/compare-cpu with ``--env-set inner_ste
 teachers' prompt with ``--teacher-set topics=...``, the ten families' topics; see `recorded_teacher`)."""
 
 
-def resolved_teacher(preset: str, teacher_overrides: dict[str, Any], env_overrides: dict[str, Any]) -> dict[str, Any]:
+def teacher_record(config: TeacherConfig, env: EnvConfig) -> dict[str, Any]:
     """The teacher settings that change what a teacher writes beyond the env: the prompt's topics,
     the question form and the curriculum teachers' families ("target" resolved)."""
-    config = make_teacher_config(preset, **teacher_overrides)
-    families = families_setting(config, make_config(preset, **env_overrides))
-    return {"topics": config.topics, "question_form": config.question_form, "families": families}
+    return {"topics": config.topics, "question_form": config.question_form,
+            "families": families_setting(config, env)}
 
 
 def recorded_teacher(out: Path, method: str, seed: int) -> dict[str, Any] | None:
-    """A job's teacher settings as its run's run_config.json saved them (jobs written before the job
-    file recorded them); None without that file."""
+    """A job's `teacher_record` as its run's run_config.json saved it (jobs written before the job
+    file recorded it); None without that file."""
     path = out / f"{method}-seed{seed}" / "run_config.json"
     if not path.is_file():
         return None
     saved = json.loads(path.read_text())
-    config = TeacherConfig(**{"families": "all", **saved["teacher_config"]})  # older runs: all ten
-    env = EnvConfig(**saved["env"])
-    return {"topics": config.topics, "question_form": config.question_form,
-            "families": families_setting(config, env)}
+    return teacher_record(TeacherConfig(**saved_teacher_settings(saved)), EnvConfig(**saved["env"]))
 
 
 def job_settings(bench: BenchConfig, method: str) -> dict[str, Any]:
@@ -288,7 +285,8 @@ def job_settings(bench: BenchConfig, method: str) -> dict[str, Any]:
     settings = {k: v for k, v in dataclasses.asdict(bench).items() if k not in skip}
     settings["env"] = resolved_env(bench.preset, bench.env_overrides())
     if method in TEACHER_OF:
-        settings["teacher"] = resolved_teacher(bench.preset, bench.teacher_overrides(), bench.env_overrides())
+        settings["teacher"] = teacher_record(make_teacher_config(bench.preset, **bench.teacher_overrides()),
+                                             make_config(bench.preset, **bench.env_overrides()))
     return settings
 
 

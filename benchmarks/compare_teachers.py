@@ -57,8 +57,7 @@ from typing import Any
 
 from benchmarks.bench_config import BenchConfig
 from benchmarks.bench_jobs import collect, job_path, load_job, run_job, run_job_in_worker
-from benchmarks.bench_report import (analysis_table, analyze_teachers, markdown_table, meta_training_table,
-                                     write_results, write_tensorboard)
+from benchmarks.bench_report import analyze_teachers, write_results, write_tensorboard
 from soar_env.options import add_dataclass_arguments, dataclass_from_args
 
 # ---------------------------------------------------------------------------------------------
@@ -174,9 +173,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     """``soar bench``: run the study and print its tables; exit status 1 when a job failed."""
     bench = dataclass_from_args(BenchConfig, args)
     results = run_study(bench)
-    print(markdown_table(bench, results["table"], results.get("paired"))
-          + meta_training_table(results.get("teachers", {}), Path(bench.out))
-          + analysis_table(results.get("analysis", {}), bench))
+    print((Path(bench.out) / "results.md").read_text())  # the tables write_results has just written
     print(f"wrote {Path(bench.out) / 'results.json'} and results.md ({results['wall_seconds']:.0f} s)")
     for job, error in results["failed"].items():
         print(f"failed: {job}: {error}", file=sys.stderr)

@@ -152,15 +152,19 @@ def test_soar_train_on_ray_starts_its_own_cluster(tmp_path):
     assert "Started a local Ray instance" in done.stderr + done.stdout
 
 
+def write_older_run(run_dir, plan, teacher_config: dict) -> None:
+    """A run dir with one checkpoint whose run_config.json saved ``teacher_config`` (an older run's)."""
+    saved = {"train": dataclasses.asdict(plan.train), "env": plan.env.to_dict(), "teacher_config": teacher_config}
+    (run_dir / "checkpoints" / "step_000001").mkdir(parents=True)
+    (run_dir / "checkpoints" / "step_000001" / TRAINER_FILE).write_bytes(b"")  # planning reads only its name
+    (run_dir / RUN_CONFIG).write_text(json.dumps(saved))
+
+
 def test_a_resumed_run_from_before_micro_batching_updates_in_micro_batches(tmp_path):
     """Its run_config.json says micro_batch_size None (one pass, 17.5 GB at the cpu preset): memory-only, so the default wins."""
     run_dir = tmp_path / "run"
     plan = plan_run({"teacher": "rloo", "preset": "tiny", "steps": 2, "run_dir": str(run_dir)}, {}, {})
-    saved = {"train": dataclasses.asdict(plan.train), "env": plan.env.to_dict(),
-             "teacher_config": {**plan.teacher_config.to_dict(), "micro_batch_size": None, "lr": 0.123}}
-    (run_dir / "checkpoints" / "step_000001").mkdir(parents=True)
-    (run_dir / "checkpoints" / "step_000001" / TRAINER_FILE).write_bytes(b"")  # planning reads only its name
-    (run_dir / RUN_CONFIG).write_text(json.dumps(saved))
+    write_older_run(run_dir, plan, {**plan.teacher_config.to_dict(), "micro_batch_size": None, "lr": 0.123})
     resumed = plan_run({"teacher": "rloo", "preset": "tiny", "steps": 2, "resume": str(run_dir)}, {}, {})
     assert resumed.resuming and resumed.teacher_config.micro_batch_size == 8
     assert resumed.teacher_config.lr == 0.123  # every other saved setting is kept
@@ -220,11 +224,7 @@ def test_a_set_no_generator_made_leaves_the_curriculum_teachers_all_families(tmp
 def test_a_resumed_run_from_before_the_families_setting_keeps_all_ten(tmp_path):
     run_dir = tmp_path / "run"
     plan = plan_run({"teacher": "random", "preset": "tiny", "steps": 2, "run_dir": str(run_dir)}, {}, {})
-    saved_teacher = {k: v for k, v in plan.teacher_config.to_dict().items() if k != "families"}
-    saved = {"train": dataclasses.asdict(plan.train), "env": plan.env.to_dict(), "teacher_config": saved_teacher}
-    (run_dir / "checkpoints" / "step_000001").mkdir(parents=True)
-    (run_dir / "checkpoints" / "step_000001" / TRAINER_FILE).write_bytes(b"")
-    (run_dir / RUN_CONFIG).write_text(json.dumps(saved))
+    write_older_run(run_dir, plan, {k: v for k, v in plan.teacher_config.to_dict().items() if k != "families"})
     resumed = plan_run({"teacher": "random", "preset": "tiny", "steps": 2, "resume": str(run_dir)}, {}, {})
     assert plan.teacher_config.families == "addition,multiplication"  # "target", resolved for run_config.json
     assert resumed.teacher_config.families == "all"
